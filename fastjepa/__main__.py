@@ -1,0 +1,5 @@
+import sys
+
+from fastjepa.cli import main
+
+sys.exit(main())
