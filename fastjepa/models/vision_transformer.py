@@ -1,0 +1,377 @@
+"""I-JEPA's ViT encoder and narrow ViT predictor.
+
+Module names, constructor arguments, forward signatures, parameter order and
+state_dict keys follow the reference trainer (facebookresearch/ijepa) so that its
+checkpoints load unchanged. Written from the paper and the documented behaviour;
+attention goes through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastjepa.masks.utils import _as_list, apply_masks
+from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
+
+__all__ = [
+    "VIT_EMBED_DIMS",
+    "get_2d_sincos_pos_embed",
+    "PatchEmbed",
+    "MLP",
+    "Attention",
+    "Block",
+    "VisionTransformer",
+    "VisionTransformerPredictor",
+    "vit_predictor",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_large",
+    "vit_huge",
+    "vit_giant",
+]
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (grid_size**2, embed_dim), float32, computed in float64.
+
+    Token n sits at row n // grid_size, column n % grid_size. The first half of
+    the channels encodes the column and the second half the row; each half is
+    [sin(p * w_i), cos(p * w_i)] with w_i = 10000 ** (-i / (embed_dim / 4)).
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos table, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    n = torch.arange(grid_size * grid_size, dtype=torch.float64)
+    halves = []
+    for coordinate in (n % grid_size, torch.div(n, grid_size, rounding_mode="floor")):
+        angle = coordinate[:, None] * omega[None, :]
+        halves += [angle.sin(), angle.cos()]
+    return torch.cat(halves, dim=1).float()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity when ``drop_prob`` is 0 or in eval)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        qk_scale=None,
+        drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        act_layer=nn.GELU,
+        norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> (B, N, D) with a strided convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _image_side(img_size) -> int:
+    side = img_size[0] if isinstance(img_size, Sequence) else img_size
+    if not isinstance(side, int) or side <= 0:
+        raise ValueError(f"img_size must be a positive int (or a list holding one), got {img_size!r}")
+    return side
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _rescale_residual_projections(blocks: nn.ModuleList) -> None:
+    """Constructor init of the reference: divide block l's output projections by sqrt(2 l).
+
+    ``fastjepa.helper.init_model`` re-initialises every Linear afterwards, as the
+    reference trainer does, so trained models never see this rescale.
+    """
+    with torch.no_grad():
+        for layer_id, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+def _drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each block, linear from 0 to ``rate``."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder without a [cls] token. ``forward(x, masks=None)`` returns
+    (B, N, D) for the full image or (len(masks) * B, K, D) for the masked tokens."""
+
+    def __init__(
+        self,
+        img_size=(224,),
+        patch_size=16,
+        in_chans=3,
+        embed_dim=768,
+        predictor_embed_dim=384,
+        depth=12,
+        predictor_depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_layer=nn.LayerNorm,
+        init_std=0.02,
+        **kwargs,
+    ):
+        super().__init__()
+        for name, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            _check_positive(name, value)
+        self.num_features = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.init_std = init_std
+        self.patch_embed = PatchEmbed(_image_side(img_size), patch_size, in_chans, embed_dim)
+        grid = int(math.isqrt(self.patch_embed.num_patches))
+        self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(embed_dim, grid).unsqueeze(0), requires_grad=False)
+        dpr = _drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.apply(partial(_init_weights, std=init_std))
+        _rescale_residual_projections(self.blocks)
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """The table for x's token count: unchanged at the training resolution,
+        bicubically resized as a 2-D grid at any other (square) resolution."""
+        n_tokens, n_table = x.shape[1], pos_embed.shape[1]
+        if n_tokens == n_table:
+            return pos_embed
+        side, table_side = math.isqrt(n_tokens), math.isqrt(n_table)
+        if side * side != n_tokens:
+            raise ValueError(f"cannot interpolate position embeddings to a non-square grid of {n_tokens} tokens")
+        grid = pos_embed.reshape(1, table_side, table_side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, n_tokens, -1)
+
+    def forward(self, x, masks=None):
+        x = self.patch_embed(x)
+        x = x + self.interpolate_pos_encoding(x, self.pos_embed)
+        if masks is not None:
+            x = apply_masks(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class VisionTransformerPredictor(nn.Module):
+    """Narrow ViT that predicts target-block representations from the context.
+
+    ``forward(x, masks_x, masks)``: x is the context encoder's output
+    (len(masks_x) * B, K_ctx, embed_dim); the result is
+    (len(masks) * len(masks_x) * B, K_tgt, embed_dim), mask-major. Every row runs
+    over [its context ; one target block's mask tokens], so the context is repeated
+    once per target block, as in the reference.
+    """
+
+    def __init__(
+        self,
+        num_patches,
+        embed_dim=768,
+        predictor_embed_dim=384,
+        depth=6,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_layer=nn.LayerNorm,
+        init_std=0.02,
+        **kwargs,
+    ):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("predictor_embed_dim", predictor_embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            _check_positive(name, value)
+        grid = math.isqrt(num_patches) if isinstance(num_patches, int) and num_patches > 0 else 0
+        if grid * grid != num_patches:
+            raise ValueError(f"num_patches must be a positive square number, got {num_patches!r}")
+        self.init_std = init_std
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
+        self.predictor_pos_embed = nn.Parameter(
+            get_2d_sincos_pos_embed(predictor_embed_dim, grid).unsqueeze(0), requires_grad=False
+        )
+        dpr = _drop_path_rates(drop_path_rate, depth)
+        self.predictor_blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        )
+        self.predictor_norm = norm_layer(predictor_embed_dim)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
+        trunc_normal_(self.mask_token, std=init_std)
+        self.apply(partial(_init_weights, std=init_std))
+        _rescale_residual_projections(self.predictor_blocks)
+
+    def forward(self, x, masks_x, masks):
+        if masks_x is None or masks is None:
+            raise ValueError("VisionTransformerPredictor needs both the context masks and the target masks")
+        masks_x, masks = _as_list(masks_x), _as_list(masks)
+        B = len(x) // len(masks_x)
+        pos_table = self.predictor_pos_embed[0]  # (N, D'): rows looked up by token index
+
+        x = self.predictor_embed(x)
+        x += pos_table[torch.cat(masks_x)]  # in place, as the reference: keeps x's autocast dtype
+        n_context = x.shape[1]
+
+        target_pos = repeat_interleave_batch(pos_table[torch.cat(masks)], B, repeat=len(masks_x))
+        pred_tokens = self.mask_token + target_pos
+
+        x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
+        for block in self.predictor_blocks:
+            x = block(x)
+        x = self.predictor_norm(x)
+        return self.predictor_proj(x[:, n_context:])
+
+
+def vit_predictor(**kwargs) -> VisionTransformerPredictor:
+    return VisionTransformerPredictor(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def _vit(embed_dim, depth, num_heads, mlp_ratio, patch_size, kwargs) -> VisionTransformer:
+    """A named ViT shape; keyword arguments override any of its settings."""
+    settings = dict(
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    return VisionTransformer(**{**settings, **kwargs})
+
+
+def vit_tiny(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(192, 12, 3, 4, patch_size, kwargs)
+
+
+def vit_small(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(384, 12, 6, 4, patch_size, kwargs)
+
+
+def vit_base(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(768, 12, 12, 4, patch_size, kwargs)
+
+
+def vit_large(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(1024, 24, 16, 4, patch_size, kwargs)
+
+
+def vit_huge(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(1280, 32, 16, 4, patch_size, kwargs)
+
+
+def vit_giant(patch_size=16, **kwargs) -> VisionTransformer:
+    return _vit(1408, 40, 16, 48 / 11, patch_size, kwargs)
+
+
+VIT_EMBED_DIMS = {
+    "vit_tiny": 192,
+    "vit_small": 384,
+    "vit_base": 768,
+    "vit_large": 1024,
+    "vit_huge": 1280,
+    "vit_giant": 1408,
+}
