@@ -1,0 +1,172 @@
+"""Model, optimizer and checkpoint set-up with the reference's signatures (``src/helper.py``).
+
+Differences from the reference, on purpose:
+* no GradScaler: ``init_opt`` returns ``scaler=None`` (bf16 does not overflow here,
+  and the scaler costs a pass over the gradients and a host sync every step);
+* a checkpoint that cannot be loaded raises ``CheckpointError`` instead of being
+  logged and silently replaced by a fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import torch
+
+from fastjepa.models import vision_transformer as vit
+from fastjepa.utils.schedulers import CosineWDSchedule, WarmupCosineSchedule
+from fastjepa.utils.tensors import trunc_normal_
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES = tuple(vit.VIT_EMBED_DIMS)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, truncated or does not fit the models."""
+
+
+def init_model(device, patch_size=16, model_name="vit_base", crop_size=224, pred_depth=6, pred_emb_dim=384):
+    """Build the encoder and the predictor and re-initialise every Linear (trunc-normal
+    std 0.02, zero bias) and LayerNorm (1, 0), as the reference trainer does. The
+    predictor has the encoder's number of heads."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model_name {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    encoder = getattr(vit, model_name)(img_size=[crop_size], patch_size=patch_size)
+    predictor = vit.vit_predictor(
+        num_patches=encoder.patch_embed.num_patches,
+        embed_dim=encoder.embed_dim,
+        predictor_embed_dim=pred_emb_dim,
+        depth=pred_depth,
+        num_heads=encoder.num_heads,
+    )
+    for module in list(encoder.modules()) + list(predictor.modules()):
+        if isinstance(module, torch.nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    encoder.to(device)
+    predictor.to(device)
+    return encoder, predictor
+
+
+def _param_groups(encoder, predictor):
+    """The reference's four AdamW groups, in its order: decayed encoder / predictor
+    weights, then encoder / predictor biases and 1-D parameters without decay."""
+
+    def decayed(name, p):
+        return "bias" not in name and p.dim() != 1
+
+    return [
+        {"params": [p for n, p in encoder.named_parameters() if decayed(n, p)]},
+        {"params": [p for n, p in predictor.named_parameters() if decayed(n, p)]},
+        {"params": [p for n, p in encoder.named_parameters() if not decayed(n, p)], "WD_exclude": True, "weight_decay": 0},
+        {"params": [p for n, p in predictor.named_parameters() if not decayed(n, p)], "WD_exclude": True, "weight_decay": 0},
+    ]
+
+
+def init_opt(
+    encoder,
+    predictor,
+    iterations_per_epoch,
+    start_lr,
+    ref_lr,
+    warmup,
+    num_epochs,
+    wd=1e-6,
+    final_wd=1e-6,
+    final_lr=0.0,
+    use_bfloat16=False,
+    ipe_scale=1.25,
+):
+    """AdamW over the four parameter groups plus the lr and weight-decay schedules.
+    Returns ``(optimizer, scaler, scheduler, wd_scheduler)`` with ``scaler`` None."""
+    optimizer = torch.optim.AdamW(_param_groups(encoder, predictor))
+    total_steps = int(ipe_scale * num_epochs * iterations_per_epoch)
+    scheduler = WarmupCosineSchedule(
+        optimizer,
+        warmup_steps=int(warmup * iterations_per_epoch),
+        start_lr=start_lr,
+        ref_lr=ref_lr,
+        final_lr=final_lr,
+        T_max=total_steps,
+    )
+    wd_scheduler = CosineWDSchedule(optimizer, ref_wd=wd, final_wd=final_wd, T_max=total_steps)
+    return optimizer, None, scheduler, wd_scheduler
+
+
+def _fit_prefix(state: dict, model: torch.nn.Module) -> dict:
+    """Add or strip DDP's ``module.`` prefix so the keys match the model's own."""
+    model_wrapped = next(iter(model.state_dict()), "").startswith("module.")
+    state_wrapped = next(iter(state), "").startswith("module.")
+    if state_wrapped and not model_wrapped:
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    if model_wrapped and not state_wrapped:
+        return {f"module.{k}": v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict at ``path``, loaded on the CPU; ``CheckpointError`` names the problem."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a torch file: every reason is reported the same way
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+    return checkpoint
+
+
+def load_checkpoint(device, r_path, encoder, predictor, target_encoder, opt, scaler):
+    """Load a reference-format checkpoint into the models and the optimizer.
+    Returns ``(encoder, predictor, target_encoder, opt, scaler, epoch)``. Loading is
+    strict; any problem raises ``CheckpointError`` (the reference logs it and restarts
+    from scratch)."""
+    checkpoint = read_checkpoint(r_path)
+    required = ["encoder", "predictor", "epoch"] + (["target_encoder"] if target_encoder is not None else []) + (["opt"] if opt is not None else [])
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {r_path} lacks {', '.join(missing)}; it has {', '.join(map(str, checkpoint))}")
+    for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target_encoder)):
+        if model is None:
+            continue
+        try:
+            model.load_state_dict(_fit_prefix(checkpoint[key], model))
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {r_path}: '{key}' does not fit the model: {e}") from e
+    if opt is not None:
+        try:
+            opt.load_state_dict(checkpoint["opt"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {r_path}: 'opt' does not fit the optimizer: {e}") from e
+    if scaler is not None and checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    epoch = checkpoint["epoch"]
+    logger.info("loaded checkpoint %s (epoch %s)", r_path, epoch)
+    return encoder, predictor, target_encoder, opt, scaler, epoch
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same
+    folder, flushed to disk, then renamed over ``path``. A failed write leaves any
+    previous file at ``path`` untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
