@@ -21,6 +21,7 @@ from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
 
 __all__ = [
     "VIT_EMBED_DIMS",
+    "VIT_SHAPES",
     "get_2d_sincos_pos_embed",
     "PatchEmbed",
     "MLP",
@@ -329,8 +330,21 @@ def vit_predictor(**kwargs) -> VisionTransformerPredictor:
     return VisionTransformerPredictor(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
-def _vit(embed_dim, depth, num_heads, mlp_ratio, patch_size, kwargs) -> VisionTransformer:
+# name -> (embed_dim, depth, num_heads, mlp_ratio)
+VIT_SHAPES = {
+    "vit_tiny": (192, 12, 3, 4),
+    "vit_small": (384, 12, 6, 4),
+    "vit_base": (768, 12, 12, 4),
+    "vit_large": (1024, 24, 16, 4),
+    "vit_huge": (1280, 32, 16, 4),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+VIT_EMBED_DIMS = {name: shape[0] for name, shape in VIT_SHAPES.items()}
+
+
+def _vit(name, patch_size, kwargs) -> VisionTransformer:
     """A named ViT shape; keyword arguments override any of its settings."""
+    embed_dim, depth, num_heads, mlp_ratio = VIT_SHAPES[name]
     settings = dict(
         patch_size=patch_size,
         embed_dim=embed_dim,
@@ -344,34 +358,24 @@ def _vit(embed_dim, depth, num_heads, mlp_ratio, patch_size, kwargs) -> VisionTr
 
 
 def vit_tiny(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(192, 12, 3, 4, patch_size, kwargs)
+    return _vit("vit_tiny", patch_size, kwargs)
 
 
 def vit_small(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(384, 12, 6, 4, patch_size, kwargs)
+    return _vit("vit_small", patch_size, kwargs)
 
 
 def vit_base(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(768, 12, 12, 4, patch_size, kwargs)
+    return _vit("vit_base", patch_size, kwargs)
 
 
 def vit_large(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(1024, 24, 16, 4, patch_size, kwargs)
+    return _vit("vit_large", patch_size, kwargs)
 
 
 def vit_huge(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(1280, 32, 16, 4, patch_size, kwargs)
+    return _vit("vit_huge", patch_size, kwargs)
 
 
 def vit_giant(patch_size=16, **kwargs) -> VisionTransformer:
-    return _vit(1408, 40, 16, 48 / 11, patch_size, kwargs)
-
-
-VIT_EMBED_DIMS = {
-    "vit_tiny": 192,
-    "vit_small": 384,
-    "vit_base": 768,
-    "vit_large": 1024,
-    "vit_huge": 1280,
-    "vit_giant": 1408,
-}
+    return _vit("vit_giant", patch_size, kwargs)

@@ -1,0 +1,235 @@
+"""The trainer's configuration: the reference's YAML schema, validated key by key.
+
+A config is a dict of sections (data, logging, mask, meta, optimization), exactly as
+the reference's YAML files hold it. ``validate`` fills missing keys with the
+reference's ViT-H/14 values, checks every key's type and range and returns a new
+dict; any problem raises ``ConfigError`` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from fastjepa.helper import MODEL_NAMES
+from fastjepa.masks.multiblock import MultiBlockMaskSampler
+from fastjepa.models.vision_transformer import VIT_SHAPES
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # bool | int | float | str | path | pair
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""  # said when ``check`` fails
+    optional: bool = False  # None is allowed
+
+
+def _positive(x):
+    return x > 0
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+def _fraction_pair(pair):
+    return 0 < pair[0] <= pair[1] <= 1
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "batch_size": Key("int", 128, _positive, ">= 1 (images per process)"),
+        "color_jitter_strength": Key("float", 0.0, _non_negative, ">= 0"),
+        "crop_scale": Key("pair", [0.3, 1.0], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),
+        "crop_size": Key("int", 224, _positive, ">= 1 pixels"),
+        "image_folder": Key("path", "", None),
+        "num_workers": Key("int", 10, _non_negative, ">= 0"),
+        "pin_mem": Key("bool", True),
+        "repeat": Key("int", 1, _positive, ">= 1 (passes over the images per epoch)"),
+        "root_path": Key("path", "", None),
+        "use_color_distortion": Key("bool", False),
+        "use_gaussian_blur": Key("bool", False),
+        "use_horizontal_flip": Key("bool", False),
+    },
+    "logging": {
+        "folder": Key("path", None, None, optional=True),
+        "write_tag": Key("str", "jepa", lambda s: s != "" and os.sep not in s, "a non-empty name without path separators"),
+    },
+    "mask": {
+        "allow_overlap": Key("bool", False),
+        "aspect_ratio": Key("pair", [0.75, 1.5], lambda p: 0 < p[0] <= p[1], "[min, max] with 0 < min <= max"),
+        "enc_mask_scale": Key("pair", [0.85, 1.0], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),
+        "fix_position_range": Key("bool", False),
+        "min_keep": Key("int", 10, _non_negative, ">= 0"),
+        "num_enc_masks": Key("int", 1, _positive, ">= 1"),
+        "num_pred_masks": Key("int", 4, _positive, ">= 1"),
+        "patch_size": Key("int", 14, _positive, ">= 1"),
+        "pred_mask_scale": Key("pair", [0.15, 0.2], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),
+    },
+    "meta": {
+        "copy_data": Key("bool", False, lambda v: v is False, "false (copying ImageNet to node-local scratch is not supported)"),
+        "load_checkpoint": Key("bool", False),
+        "model_name": Key("str", "vit_huge", lambda v: v in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
+        "pred_depth": Key("int", 12, _positive, ">= 1"),
+        "pred_emb_dim": Key("int", 384, _positive, ">= 1"),
+        "read_checkpoint": Key("path", None, None, optional=True),
+        "use_bfloat16": Key("bool", True),
+    },
+    "optimization": {
+        "ema": Key("pair", [0.996, 1.0], lambda p: 0 <= p[0] <= p[1] <= 1, "[start, end] with 0 <= start <= end <= 1"),
+        "epochs": Key("int", 300, _positive, ">= 1"),
+        "final_lr": Key("float", 1.0e-6, _non_negative, ">= 0"),
+        "final_weight_decay": Key("float", 0.4, _non_negative, ">= 0"),
+        "ipe_scale": Key("float", 1.0, _positive, "> 0"),
+        "lr": Key("float", 0.001, _positive, "> 0"),
+        "start_lr": Key("float", 0.0002, _non_negative, ">= 0"),
+        "warmup": Key("float", 40, _non_negative, ">= 0 epochs"),
+        "weight_decay": Key("float", 0.04, _non_negative, ">= 0"),
+    },
+}
+
+
+def _typed(name: str, key: Key, value):
+    if value is None:
+        if key.optional:
+            return None
+        raise ConfigError(f"{name} must not be empty (null)")
+    kind = key.kind
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif kind in ("str", "path"):
+        ok = isinstance(value, str)
+    else:  # pair
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        )
+        value = [float(v) for v in value] if ok else value
+    if not ok:
+        expected = {"pair": "a list of two numbers", "path": "a path (string)", "float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if key.check is not None and not key.check(value):
+        raise ConfigError(f"{name} must be {key.allowed}, got {value!r}")
+    return value
+
+
+def validate(config: dict) -> dict:
+    """A complete, checked copy of ``config``; ``ConfigError`` names the first bad key."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SCHEMA)}), got {type(config).__name__}")
+    for section, entries in config.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown section {section!r}; sections are {', '.join(SCHEMA)}")
+        if entries is not None and not isinstance(entries, dict):
+            raise ConfigError(f"section {section} must be a mapping of keys, got {type(entries).__name__}")
+        for key in entries or {}:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"unknown key {section}.{key}; {section} keys are {', '.join(SCHEMA[section])}")
+    checked = {}
+    for section, keys in SCHEMA.items():
+        given = config.get(section) or {}
+        checked[section] = {
+            key: _typed(f"{section}.{key}", spec, copy.deepcopy(given[key]) if key in given else copy.deepcopy(spec.default))
+            for key, spec in keys.items()
+        }
+    data, mask, meta = checked["data"], checked["mask"], checked["meta"]
+    if data["crop_size"] % mask["patch_size"]:
+        raise ConfigError(f"data.crop_size {data['crop_size']} must be divisible by mask.patch_size {mask['patch_size']}")
+    if meta["pred_emb_dim"] % 4:
+        raise ConfigError(f"meta.pred_emb_dim must be a multiple of 4 (2-D sin-cos positions), got {meta['pred_emb_dim']}")
+    heads = VIT_SHAPES[meta["model_name"]][2]  # the predictor has the encoder's heads
+    if meta["pred_emb_dim"] % heads:
+        raise ConfigError(f"meta.pred_emb_dim must be divisible by {meta['model_name']}'s {heads} heads, got {meta['pred_emb_dim']}")
+    try:
+        mask_sampler(checked)
+    except ValueError as e:
+        raise ConfigError(f"mask: {e}") from e
+    return checked
+
+
+def tiny_preset() -> dict:
+    """What ``fastjepa train`` runs without a config: ViT-tiny on 64 px crops of the
+    embedded photographs, sized to finish in a few minutes on two CPU cores."""
+    from fastjepa.data import default_photos_dir
+
+    return validate(
+        {
+            "data": {"batch_size": 16, "crop_size": 64, "crop_scale": [0.3, 1.0], "num_workers": 0, "pin_mem": False,
+                     "root_path": default_photos_dir(), "image_folder": "", "repeat": 32},
+            "logging": {"folder": None, "write_tag": "jepa"},
+            "mask": {"patch_size": 8, "min_keep": 4},
+            "meta": {"model_name": "vit_tiny", "pred_depth": 4, "pred_emb_dim": 96, "use_bfloat16": False},
+            "optimization": {"epochs": 10, "warmup": 1, "start_lr": 0.0002, "lr": 0.001, "final_lr": 1.0e-6},
+        }
+    )
+
+
+def mask_sampler(config: dict) -> MultiBlockMaskSampler:
+    """The MultiBlockMaskSampler a checked config describes."""
+    mask = config["mask"]
+    return MultiBlockMaskSampler(
+        input_size=config["data"]["crop_size"],
+        patch_size=mask["patch_size"],
+        enc_mask_scale=tuple(mask["enc_mask_scale"]),
+        pred_mask_scale=tuple(mask["pred_mask_scale"]),
+        aspect_ratio=tuple(mask["aspect_ratio"]),
+        nenc=mask["num_enc_masks"],
+        npred=mask["num_pred_masks"],
+        min_keep=mask["min_keep"],
+        allow_overlap=mask["allow_overlap"],
+        fix_position_range=mask["fix_position_range"],
+    )
+
+
+def load_yaml(path) -> dict:
+    """A config file's dict; ``ConfigError`` when it is missing or not YAML."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"config {path} must hold a mapping of sections, got {type(config).__name__}")
+    return config
+
+
+def apply_override(config: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to ``config`` in place."""
+    name, sep, text = assignment.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set takes section.key=value, got {assignment!r}")
+    if section not in SCHEMA or key not in SCHEMA[section]:
+        known = ", ".join(f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]) if section not in SCHEMA else ", ".join(SCHEMA[section])
+        raise ConfigError(f"unknown key {name.strip()}; known: {known}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {name.strip()}: cannot parse {text!r}: {str(e).splitlines()[0]}") from e
+    config.setdefault(section, {})[key] = value
+
+
+def find_key(name: str) -> str:
+    """The section of a key name (every key name is unique across sections)."""
+    sections = [s for s in SCHEMA if name in SCHEMA[s]]
+    if not sections:
+        raise ConfigError(f"unknown config key {name!r}")
+    return sections[0]

@@ -1,0 +1,71 @@
+"""``fastjepa train --dry-run``: what a checked config will do, without reading any image."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastjepa.config import mask_sampler
+from fastjepa.flops import step_flops_per_image
+from fastjepa.helper import init_model
+
+MASK_BATCHES = 20  # batches drawn to estimate the mean token counts (masks only, no data)
+
+
+def _millions(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+
+
+def _count_files(folder: str) -> int | None:
+    """Files under ``folder`` (a directory listing, no file is opened), or None if absent."""
+    if not os.path.isdir(folder):
+        return None
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def describe(config: dict, device=None) -> str:
+    from fastjepa.train import data_root
+
+    data, mask, meta, opt = config["data"], config["mask"], config["meta"], config["optimization"]
+    with torch.device("meta"):
+        encoder, predictor = init_model("meta", mask["patch_size"], meta["model_name"], data["crop_size"], meta["pred_depth"], meta["pred_emb_dim"])
+    sampler = mask_sampler(config)
+    generator = torch.Generator().manual_seed(0)
+    k_context = k_target = 0.0
+    for _ in range(MASK_BATCHES):
+        masks_enc, masks_pred = sampler.sample(data["batch_size"], generator=generator)
+        k_context += masks_enc[0].shape[1] / MASK_BATCHES
+        k_target += masks_pred[0].shape[1] / MASK_BATCHES
+    flops = step_flops_per_image(meta["model_name"], data["crop_size"], mask["patch_size"], meta["pred_depth"], meta["pred_emb_dim"],
+                                 k_context, k_target, mask["num_enc_masks"], mask["num_pred_masks"])
+
+    encoder_m, predictor_m = _millions(encoder), _millions(predictor)
+    state_gb = (16 * (encoder_m + predictor_m) + 4 * encoder_m) * 1e6 / 1e9  # params, grads, 2 moments; fp32 target
+    value_bytes = 2 if meta["use_bfloat16"] else 4
+    saved_per_token = 18  # activations kept for backward per token and channel, roughly, per block
+    context_values = mask["num_enc_masks"] * k_context * len(encoder.blocks) * encoder.embed_dim
+    rows = mask["num_enc_masks"] * mask["num_pred_masks"]
+    predictor_values = rows * (k_context + k_target) * meta["pred_depth"] * meta["pred_emb_dim"]
+    activation_gb = data["batch_size"] * (context_values + predictor_values) * saved_per_token * value_bytes / 1e9
+
+    root = data_root(config)
+    files = _count_files(root)
+    samples = None if files is None else files * data["repeat"]
+    ipe = None if samples is None else samples // data["batch_size"]
+    lines = [
+        "fastjepa train --dry-run: the config is valid",
+        f"  model          {meta['model_name']}/{mask['patch_size']} at {data['crop_size']} px: encoder {encoder_m:.1f} M parameters, "
+        f"predictor {predictor_m:.1f} M (depth {meta['pred_depth']}, width {meta['pred_emb_dim']})",
+        f"  masks          {mask['num_enc_masks']} context x {k_context:.1f} tokens, {mask['num_pred_masks']} targets x {k_target:.1f} tokens "
+        f"(means over {MASK_BATCHES} sampled batches of {data['batch_size']})",
+        f"  FLOPs / image  {flops.total / 1e9:.1f} GFLOP per step: target forward {flops.target_forward / 1e9:.1f}, "
+        f"context forward+backward {flops.context_forward_backward / 1e9:.1f}, predictor forward+backward {flops.predictor_forward_backward / 1e9:.1f}",
+        f"  data           {root}: " + ("not found" if files is None else f"{files} files (listed, not read) x{data['repeat']} per epoch"),
+        f"  steps          {ipe} per epoch x {opt['epochs']} epochs = {ipe * opt['epochs']} (batch {data['batch_size']} per process)"
+        if ipe else f"  steps          unknown until the data folder exists (batch {data['batch_size']} per process)",
+        f"  memory         about {state_gb:.1f} GB of weights and optimizer state + {activation_gb:.1f} GB of activations "
+        f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate)",
+        f"  device         {device or ('cuda' if torch.cuda.is_available() else 'cpu')}",
+    ]
+    return "\n".join(lines)
