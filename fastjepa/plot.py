@@ -1,0 +1,220 @@
+"""Training curves from the trainer's per-rank CSV log.
+
+The trainer writes ``{write_tag}_r{rank}.csv`` in its output folder, one row per
+logged step::
+
+    epoch,itr,loss,mask-A,mask-B,time (ms),lr,wd,momentum,img/s
+
+A resumed run appends to the same file, so an (epoch, itr) pair can appear more
+than once; the later row wins. ``read_log`` parses and de-duplicates such a file,
+``plot_run`` draws it into ``curves.png`` next to it.
+
+Rendering uses the Agg canvas directly (no pyplot), so importing or calling this
+never opens a window, never changes the caller's matplotlib backend, and leaves
+no figure behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+
+COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s")
+INT_COLUMNS = ("epoch", "itr", "mask-A", "mask-B")
+
+
+def find_log(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
+    """The one ``*_r{rank}.csv`` in ``out_dir``; errors name the folder and what was found."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.exists():
+        raise FileNotFoundError(f"run folder not found: {out_dir}")
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"run folder is not a folder: {out_dir}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+    matches = sorted(p for p in out_dir.glob(f"*_r{rank}.csv") if p.is_file())
+    if not matches:
+        others = sorted(p.name for p in out_dir.glob("*.csv"))
+        found = f" (CSVs there: {', '.join(others)})" if others else " (no CSV there at all)"
+        raise FileNotFoundError(f"no training log '*_r{rank}.csv' for rank {rank} in {out_dir}{found}")
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches)
+        raise ValueError(f"several training logs for rank {rank} in {out_dir}: {names}; keep one or plot them apart")
+    return matches[0]
+
+
+def _number(cell: str, column: str, csv_path: pathlib.Path, line: int) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ValueError(f"{csv_path} line {line}: column '{column}' has non-numeric value {cell!r}") from None
+    if column in INT_COLUMNS and not (math.isfinite(value) and value == int(value)):
+        raise ValueError(f"{csv_path} line {line}: column '{column}' needs an integer, got {cell!r}")
+    return value
+
+
+def read_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Parse a trainer CSV into numpy columns, one entry per unique (epoch, itr).
+
+    Returns every column of ``COLUMNS`` (int64 for epoch, itr, mask-A, mask-B; float64
+    otherwise, NaN/inf kept as written) plus ``global_step``: 0, 1, 2, ... over the kept
+    rows. When an (epoch, itr) pair repeats (a resumed run appending to the file), the
+    last occurrence is kept; kept rows are then ordered by (epoch, itr), which is the
+    file's order for any run and puts stale rows of an abandoned attempt in place.
+    Extra columns are ignored; blank lines are skipped.
+    """
+    csv_path = pathlib.Path(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{csv_path} is empty: no header line")
+        header = [name.strip() for name in header]
+        missing = [name for name in COLUMNS if name not in header]
+        if missing:
+            raise ValueError(
+                f"{csv_path} lacks required columns: {', '.join(missing)} "
+                f"(header has: {', '.join(header)})"
+            )
+        where = {name: header.index(name) for name in COLUMNS}
+        rows: dict[tuple[int, int], list[float]] = {}
+        for cells in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{csv_path} line {line}: {len(cells)} fields but the header has {len(header)}"
+                )
+            values = [_number(cells[where[name]].strip(), name, csv_path, line) for name in COLUMNS]
+            key = (int(values[0]), int(values[1]))
+            rows.pop(key, None)  # re-insert so the dict's order is that of last occurrences
+            rows[key] = values
+    if not rows:
+        raise ValueError(f"{csv_path} has a header but no data rows")
+
+    ordered = sorted(rows.items(), key=lambda item: item[0])  # by (epoch, itr)
+    table = np.array([values for _, values in ordered], dtype=np.float64)
+    log = {
+        name: table[:, i].astype(np.int64) if name in INT_COLUMNS else table[:, i]
+        for i, name in enumerate(COLUMNS)
+    }
+    log["global_step"] = np.arange(len(table), dtype=np.int64)
+    return log
+
+
+def ema(values: np.ndarray, span: int) -> np.ndarray:
+    """Bias-corrected exponential moving average (the first value is not pulled to 0)."""
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty(len(values), dtype=np.float64)
+    mean, weight = 0.0, 0.0
+    for i, v in enumerate(values):
+        mean = (1.0 - alpha) * mean + alpha * v
+        weight = (1.0 - alpha) * weight + alpha
+        out[i] = mean / weight
+    return out
+
+
+def _epoch_starts(log: dict[str, np.ndarray]) -> np.ndarray:
+    """Global steps where a new epoch begins (none for a single-epoch run)."""
+    changes = np.nonzero(np.diff(log["epoch"]))[0] + 1
+    return log["global_step"][changes]
+
+
+def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
+    """Draw ``out_dir/curves.png`` from ``out_dir``'s ``*_r{rank}.csv`` and return its path.
+
+    Four panels over the global step: loss (+ EMA, log scale when all finite losses
+    are positive), lr (+ weight decay on a right axis), EMA momentum, and throughput
+    (+ its median). Light vertical lines mark epoch starts.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir = pathlib.Path(out_dir)
+    csv_path = find_log(out_dir, rank)
+    log = read_log(csv_path)
+    step = log["global_step"]
+    n = len(step)
+    marker = "o" if n <= 50 else None  # a line through one or a few points is invisible
+
+    fig = Figure(figsize=(10, 11))
+    # fixed margins: the labels are known, and constrained layout would double the drawing time
+    fig.subplots_adjust(left=0.09, right=0.91, top=0.925, bottom=0.05, hspace=0.28)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr, ax_mom, ax_tput = fig.subplots(4, 1, sharex=True)
+
+    # loss
+    loss = log["loss"]
+    finite = np.isfinite(loss)
+    bad = int(n - finite.sum())
+    title = "loss"
+    if finite.any():
+        span = int(min(100, max(1, finite.sum() // 20)))
+        smooth = ema(loss[finite], span)
+        ax_loss.plot(step[finite], loss[finite], color="tab:blue", alpha=0.35, lw=0.8, marker=marker, ms=3, label="loss")
+        ax_loss.plot(step[finite], smooth, color="tab:blue", lw=2, label=f"EMA (span {span})")
+        if (loss[finite] > 0).all():
+            ax_loss.set_yscale("log")
+        title += f" (last EMA {smooth[-1]:.4g})"
+    if bad:
+        title += f"  \u2014  {bad} non-finite loss{'es' if bad > 1 else ''}"
+        ax_loss.plot(step[~finite], np.full(bad, 0.04), "|", color="tab:red", ms=12,
+                     transform=ax_loss.get_xaxis_transform(), label="non-finite (not plotted)")
+    ax_loss.legend(loc="upper right")
+    ax_loss.set_title(title)
+    ax_loss.set_ylabel("loss")
+
+    # learning rate, weight decay on a twin axis
+    lr_line = ax_lr.plot(step, log["lr"], color="tab:orange", marker=marker, ms=3, label="lr")
+    ax_wd = ax_lr.twinx()
+    wd_line = ax_wd.plot(step, log["wd"], color="tab:green", ls="--", marker=marker, ms=3, label="weight decay")
+    ax_lr.set_ylabel("learning rate", color="tab:orange")
+    ax_wd.set_ylabel("weight decay", color="tab:green")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_lr.set_zorder(ax_wd.get_zorder() + 1)  # so the legend is drawn over the weight-decay line
+    ax_lr.patch.set_visible(False)
+    ax_lr.legend(lr_line + wd_line, [line.get_label() for line in lr_line + wd_line], loc="upper center")
+    ax_lr.set_title("learning rate and weight decay")
+
+    # EMA momentum
+    ax_mom.plot(step, log["momentum"], color="tab:purple", marker=marker, ms=3)
+    ax_mom.ticklabel_format(axis="y", useOffset=False)  # 0.996..1.0 reads as itself, not "+9.96e-1"
+    ax_mom.set_ylabel("momentum")
+    ax_mom.set_title("target-encoder EMA momentum")
+
+    # throughput
+    tput = log["img/s"]
+    ax_tput.plot(step, tput, color="tab:gray", lw=0.8, marker=marker, ms=3, label="img/s")
+    if np.isfinite(tput).any():
+        median = float(np.nanmedian(np.where(np.isfinite(tput), tput, np.nan)))
+        ax_tput.axhline(median, color="black", ls="--", lw=1.2, label=f"median {median:,.1f} img/s")
+    ax_tput.legend(loc="lower right")
+    step_ms = log["time (ms)"]
+    title = "throughput"
+    if np.isfinite(step_ms).any():
+        title += f" (median step time {np.nanmedian(np.where(np.isfinite(step_ms), step_ms, np.nan)):,.1f} ms)"
+    ax_tput.set_title(title)
+    ax_tput.set_ylabel("images / s")
+    ax_tput.set_xlabel("global step (logged rows, after de-duplication)")
+    ax_tput.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    if n == 1:
+        ax_tput.set_xlim(-1, 1)
+
+    starts = _epoch_starts(log)
+    for ax in (ax_loss, ax_lr, ax_mom, ax_tput):
+        for x in starts:
+            ax.axvline(x - 0.5, color="0.75", lw=0.8, zorder=0)
+        ax.grid(True, alpha=0.25)
+
+    epochs = f"epochs {log['epoch'][0]}\u2013{log['epoch'][-1]}" if len(starts) else f"epoch {log['epoch'][0]}"
+    fig.suptitle(f"{out_dir.resolve().name}  \u2014  {csv_path.name}  ({n} step{'s' if n > 1 else ''}, {epochs})", fontsize=13)
+
+    png = out_dir / "curves.png"
+    fig.savefig(png, dpi=110)
+    fig.clear()
+    return png
