@@ -1,9 +1,61 @@
-"""The ``fastjepa`` command line."""
+"""The ``fastjepa`` command line: train, plot, eval, info.
+
+Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
+loss), 2 bad command line or config, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+class UsageError(Exception):
+    """Bad command-line input; exits with code 2."""
+
+
+def _config_from_args(args) -> dict:
+    from fastjepa.config import apply_override, load_yaml, tiny_preset
+
+    config = load_yaml(args.config) if args.config else tiny_preset()
+    for assignment in args.set:
+        apply_override(config, assignment)
+    return config
+
+
+def _train(args) -> int:
+    from fastjepa.config import validate
+
+    config = validate(_config_from_args(args))
+    if args.dry_run:
+        from fastjepa.plan import describe
+
+        print(describe(config, device=args.device))
+        return 0
+    from fastjepa.train import main
+
+    main(config, device=args.device, out=args.out, max_steps=args.max_steps, seed=args.seed, resume=args.resume,
+         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    return 0
+
+
+def _plot(args) -> int:
+    from fastjepa.plot import plot_run
+
+    print(plot_run(args.folder))
+    return 0
+
+
+def _eval(args) -> int:
+    from fastjepa.eval import evaluate
+
+    if args.data is not None and args.dataset is not None:
+        raise UsageError("give either --data DIR or --dataset digits, not both")
+    shape = {k: v for k, v in (("model_name", args.model_name), ("patch_size", args.patch_size), ("crop_size", args.crop_size)) if v is not None}
+    result = evaluate(args.method, checkpoint=args.checkpoint, dataset=args.dataset or ("digits" if args.data is None else None),
+                      data=args.data, which=args.encoder, k=args.k, batch_size=args.batch_size, device=args.device, **shape)
+    print(f"{args.method} top-1: {100 * result['top1']:.2f}% ({result['train']} train / {result['test']} test images)")
+    return 0
 
 
 def _info(args) -> int:
@@ -13,14 +65,69 @@ def _info(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="pretrain I-JEPA (default: ViT-tiny on the embedded photos)",
+                                description="Pretrain I-JEPA. Without --config: a tiny preset on photos shipped with fastjepa.")
+    train.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format (its published configs work unchanged)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    train.add_argument("--out", metavar="DIR", help="output folder (default: logging.folder, else a new folder here)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best present)")
+    train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                       help="continue from a checkpoint (default: the run folder's -latest checkpoint)")
+    train.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
+    train.add_argument("--dry-run", action="store_true", help="check the config and print the plan (sizes, FLOPs, memory); read no data")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    plot = commands.add_parser("plot", help="draw a run's loss, lr, momentum and throughput curves to PNG")
+    plot.add_argument("folder", metavar="OUT_DIR")
+    plot.set_defaults(run=_plot)
+
+    evaluation = commands.add_parser("eval", help="kNN or linear probe of a frozen encoder")
+    evaluation.add_argument("method", choices=("knn", "linear"))
+    evaluation.add_argument("--checkpoint", required=True, metavar="PATH")
+    evaluation.add_argument("--dataset", choices=("digits",), help="scikit-learn's digits (the default without --data)")
+    evaluation.add_argument("--data", metavar="DIR", help="a labeled image folder with train/ and val/ class subfolders")
+    evaluation.add_argument("--encoder", choices=("target_encoder", "encoder"), default="target_encoder")
+    evaluation.add_argument("--k", type=_positive_int, default=20, help="neighbours for knn")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=256)
+    evaluation.add_argument("--device")
+    evaluation.add_argument("--model-name", help="model shape, for checkpoints without a fastjepa config")
+    evaluation.add_argument("--patch-size", type=_positive_int)
+    evaluation.add_argument("--crop-size", type=_positive_int)
+    evaluation.set_defaults(run=_eval)
+
     info = commands.add_parser("info", help="print versions, devices and which backends are usable here")
     info.set_defaults(run=_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    from fastjepa.config import ConfigError
+    from fastjepa.helper import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.run(args)
+    except (ConfigError, UsageError) as e:
+        print(f"fastjepa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, FloatingPointError, ValueError) as e:
+        print(f"fastjepa {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastjepa {args.command}: interrupted", file=sys.stderr)
+        return 130

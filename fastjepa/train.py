@@ -1,14 +1,29 @@
-"""I-JEPA training: the step (this module's core), shared by the trainer and the benchmarks."""
+"""I-JEPA training: the step (shared with the benchmarks) and the trainer, ``main(config)`` as in
+the reference and ``fit(**keys)`` in one call."""
 
 from __future__ import annotations
 
+import copy
+import csv
+import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from fastjepa.config import ConfigError, find_key, mask_sampler, tiny_preset, validate
+from fastjepa.data import ImageDataset, SeededSampler, collate_images, make_transforms
+from fastjepa.data.normalize import normalize
+from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import apply_masks
+from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.utils.tensors import repeat_interleave_batch
 
 
@@ -67,3 +82,260 @@ def train_step(
     momentum = next(momentum_scheduler)
     ema_update_(target_encoder.parameters(), encoder.parameters(), momentum)
     return StepResult(loss.detach(), lr, wd, momentum)
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+CHECKPOINT_FREQ = 50  # epochs between numbered checkpoint copies, as in the reference
+CSV_COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s")
+
+
+@dataclass
+class TrainResult:
+    folder: Path
+    steps: int  # optimizer steps taken by this call
+    losses: list[float]  # one per step taken by this call
+    latest_checkpoint: Path | None
+    images_per_second: float
+    skipped_images: int  # unreadable files met while training
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def data_root(config: dict) -> str:
+    """``root_path/image_folder/train`` when it exists (the reference's ImageNet layout),
+    else ``root_path/image_folder`` itself: any folder of images."""
+    root = os.path.join(config["data"]["root_path"], config["data"]["image_folder"])
+    train = os.path.join(root, "train")
+    return train if os.path.isdir(train) else root
+
+
+def new_run_folder() -> Path:
+    base = Path.cwd() / f"fastjepa-run-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+class CSVLog:
+    """The reference's per-rank CSV plus lr, wd, momentum and throughput; appends on resume."""
+
+    def __init__(self, path: Path):
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(CSV_COLUMNS)
+
+    def row(self, *values) -> None:
+        self.writer.writerow(values)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+
+def _with_prefix(model: torch.nn.Module) -> dict:
+    """A state_dict with DDP's ``module.`` prefix, the reference's checkpoint format."""
+    return {f"module.{k}": v for k, v in model.state_dict().items()}
+
+
+def _resolve_resume(resume, resume_preempt: bool, config: dict, folder: Path) -> Path | None:
+    if resume is None and (resume_preempt or config["meta"]["load_checkpoint"]):
+        resume = config["meta"]["read_checkpoint"] or "latest"
+    if resume is None:
+        return None
+    if resume == "latest":
+        return folder / f"{config['logging']['write_tag']}-latest.pth.tar"
+    path = Path(resume)
+    return path if path.is_absolute() or path.exists() else folder / path
+
+
+def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max_steps: int | None = None, seed: int = 0,
+         resume: str | None = None, checkpoint_every: int | None = None, progress: bool = True) -> TrainResult:
+    """Pretrain I-JEPA as the reference's ``src.train.main`` does, from a config dict of
+    the reference's YAML schema. ``resume``: a checkpoint path or "latest" (in the run
+    folder). ``max_steps`` stops early (after writing a checkpoint)."""
+    config = validate(args)
+    device = torch.device(device) if device is not None else default_device()
+    data, mask, meta, opt_cfg = config["data"], config["mask"], config["meta"], config["optimization"]
+    tag = config["logging"]["write_tag"]
+    resume_path = Path(resume) if resume not in (None, "latest") else None
+    folder = Path(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))
+    folder.mkdir(parents=True, exist_ok=True)
+    config["logging"]["folder"] = str(folder)
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+
+    dataset = ImageDataset(data_root(config), make_transforms(
+        data["crop_size"], tuple(data["crop_scale"]), data["use_horizontal_flip"], data["use_color_distortion"],
+        data["color_jitter_strength"], data["use_gaussian_blur"]))
+    samples_per_epoch = len(dataset) * data["repeat"]
+    ipe = samples_per_epoch // data["batch_size"]
+    if ipe == 0:
+        raise ConfigError(f"data.batch_size {data['batch_size']} is larger than the {samples_per_epoch} images of an epoch in {data_root(config)}")
+
+    torch.manual_seed(seed)
+    encoder, predictor = init_model(device, mask["patch_size"], meta["model_name"], data["crop_size"], meta["pred_depth"], meta["pred_emb_dim"])
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    optimizer, _, lr_scheduler, wd_scheduler = init_opt(
+        encoder, predictor, ipe, opt_cfg["start_lr"], opt_cfg["lr"], opt_cfg["warmup"], opt_cfg["epochs"],
+        opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], meta["use_bfloat16"], opt_cfg["ipe_scale"])
+    momentum_scheduler = momentum_schedule(opt_cfg["ema"], ipe, opt_cfg["epochs"], opt_cfg["ipe_scale"])
+    sampler = mask_sampler(config)
+
+    start_epoch, start_itr = 0, 0
+    checkpoint_path = _resolve_resume(resume, resume_preempt, config, folder)
+    if checkpoint_path is not None:
+        encoder, predictor, target_encoder, optimizer, _, start_epoch = load_checkpoint(
+            device, checkpoint_path, encoder, predictor, target_encoder, optimizer, None)
+        state = read_checkpoint(checkpoint_path).get("fastjepa")
+        if state is not None:  # a fastjepa checkpoint: resume at the exact step
+            start_epoch, start_itr = state["epoch"], state["itr"]
+            lr_scheduler.load_state_dict(state["lr_schedule"])
+            wd_scheduler.load_state_dict(state["wd_schedule"])
+            momentum_scheduler.load_state_dict(state["momentum_schedule"])
+        else:  # a reference checkpoint: replay the schedules over the completed epochs
+            for _ in range(start_epoch * ipe):
+                lr_scheduler.step(), wd_scheduler.step(), next(momentum_scheduler)
+        print(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_itr} of {ipe}")
+
+    with open(folder / "params-ijepa.yaml", "w") as f:
+        yaml.dump(config, f)
+    log = CSVLog(folder / f"{tag}_r0.csv")
+    board = _tensorboard(folder)
+    latest = folder / f"{tag}-latest.pth.tar"
+
+    def save(epoch: int, itr: int, loss_avg: float, path: Path = latest) -> None:
+        save_checkpoint({
+            "encoder": _with_prefix(encoder), "predictor": _with_prefix(predictor), "target_encoder": _with_prefix(target_encoder),
+            "opt": optimizer.state_dict(), "scaler": None, "epoch": epoch, "loss": loss_avg,
+            "batch_size": data["batch_size"], "world_size": 1, "lr": opt_cfg["lr"],
+            "fastjepa": {"config": config, "seed": seed, "epoch": epoch, "itr": itr,
+                         "lr_schedule": lr_scheduler.state_dict(), "wd_schedule": wd_scheduler.state_dict(),
+                         "momentum_schedule": momentum_scheduler.state_dict()},
+        }, path)
+
+    total_steps = opt_cfg["epochs"] * ipe
+    first_step = start_epoch * ipe + start_itr
+    if max_steps is not None:
+        total_steps = min(total_steps, first_step + max_steps)
+    print(f"fastjepa train: {meta['model_name']} on {device.type}, {len(dataset)} images x{data['repeat']} "
+          f"({ipe} steps per epoch), output folder: {folder}")
+    if dataset.skipped_files:
+        print(f"skipping {len(dataset.skipped_files)} files that are not images (e.g. {dataset.skipped_files[0]})")
+
+    losses, skipped, images_seen, saved = [], 0, 0, None
+    step = first_step
+    bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, opt_cfg["epochs"]):
+            if step >= total_steps:
+                break
+            order = SeededSampler(samples_per_epoch, seed, dataset_size=len(dataset))
+            order.set_epoch(epoch)
+            first_itr = start_itr if epoch == start_epoch else 0
+            order.skip(first_itr * data["batch_size"])
+            loader = DataLoader(dataset, batch_size=data["batch_size"], sampler=order, num_workers=data["num_workers"],
+                                pin_memory=data["pin_mem"] and device.type == "cuda", drop_last=True, collate_fn=collate_images)
+            epoch_losses = []
+            tick = time.perf_counter()
+            for itr, (images, _, bad) in enumerate(loader, start=first_itr):
+                skipped += bad
+                if len(images) == 0:
+                    continue
+                generator = torch.Generator().manual_seed((seed << 32) + step)
+                masks_enc, masks_pred = sampler.sample(len(images), generator=generator, device=device)
+                images = normalize(images.to(device, non_blocking=True))
+                result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
+                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"])
+                loss = result.loss.item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {itr} (global step {step}); "
+                                             f"stopping without writing a checkpoint from this state")
+                now = time.perf_counter()
+                step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
+                tick = now
+                log.row(epoch + 1, itr, f"{loss:.5f}", masks_enc[0].shape[1], masks_pred[0].shape[1], f"{step_ms:.1f}",
+                        f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}")
+                if board is not None:
+                    for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput)):
+                        board.add_scalar(name, value, step)
+                losses.append(loss)
+                epoch_losses.append(loss)
+                images_seen += len(images)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
+                if step >= total_steps and step < opt_cfg["epochs"] * ipe and itr + 1 < ipe:
+                    save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
+                    saved = latest
+                    break
+                if checkpoint_every is not None and step % checkpoint_every == 0 and itr + 1 < ipe:
+                    save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
+                    saved = latest
+            else:
+                average = sum(epoch_losses) / max(len(epoch_losses), 1)
+                save(epoch + 1, 0, average)
+                saved = latest
+                if (epoch + 1) % CHECKPOINT_FREQ == 0:
+                    save(epoch + 1, 0, average, folder / f"{tag}-ep{epoch + 1}.pth.tar")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted at step {step}; the last complete checkpoint is {saved or latest if latest.exists() else 'not written yet'}")
+        raise
+    finally:
+        bar.close()
+        log.close()
+        if board is not None:
+            board.close()
+
+    elapsed = time.perf_counter() - started
+    result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped)
+    _print_summary(result, elapsed)
+    return result
+
+
+def _print_summary(result: TrainResult, elapsed: float) -> None:
+    losses = result.losses
+    head = sum(losses[:10]) / max(len(losses[:10]), 1)
+    tail = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    lines = [
+        f"done: {result.steps} steps in {elapsed:.0f} s, {result.images_per_second:.1f} img/s",
+        f"loss: {head:.4f} (first 10 steps) -> {tail:.4f} (last 10 steps)" if losses else "loss: no step taken",
+    ]
+    if result.skipped_images:
+        lines.append(f"unreadable images skipped: {result.skipped_images}")
+    if result.latest_checkpoint is not None:
+        lines.append(f"checkpoint: {result.latest_checkpoint}")
+    lines += [f"output folder: {result.folder}", f"curves: fastjepa plot {result.folder}"]
+    print("\n".join(lines))
+
+
+TRAIN_OPTIONS = ("device", "out", "max_steps", "seed", "resume", "checkpoint_every", "progress")
+
+
+def fit(**keys) -> TrainResult:
+    """One call: the tiny preset with any config key overridden by name (``fit(model_name="vit_small",
+    epochs=3, root_path="/data/photos")``) plus the trainer's options (device, out, max_steps, seed,
+    resume, checkpoint_every, progress)."""
+    options = {name: keys.pop(name) for name in TRAIN_OPTIONS if name in keys}
+    config = tiny_preset()
+    for name, value in keys.items():
+        config[find_key(name)][name] = value
+    return main(config, **options)

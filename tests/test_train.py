@@ -1,0 +1,171 @@
+"""The trainer end to end on CPU: output folder, exact resume, CLI errors, bad data, no data loss."""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fastjepa.cli import main as cli
+from fastjepa.config import tiny_preset
+from fastjepa.data import default_photos_dir
+from fastjepa.helper import read_checkpoint
+from fastjepa.train import CSV_COLUMNS, fit, main
+
+# A smaller, faster variant of the preset: 48 px crops (6 x 6 patches), a 1-block predictor,
+# batch 4 over the 12 photos = 3 steps per epoch.
+SMALL = dict(crop_size=48, batch_size=4, repeat=1, pred_depth=1, min_keep=1, epochs=4, warmup=1, progress=False)
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def csv_rows(folder):
+    with open(folder / "jepa_r0.csv") as f:
+        return list(csv.reader(f))
+
+
+def test_output_folder_holds_config_log_and_reference_checkpoint(tmp_path):
+    result = fit(out=tmp_path, max_steps=4, **SMALL)
+    assert result.steps == 4 and len(result.losses) == 4 and all(l > 0 for l in result.losses)
+    rows = csv_rows(tmp_path)
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 5
+    assert [r[:2] for r in rows[1:]] == [["1", "0"], ["1", "1"], ["1", "2"], ["2", "0"]]
+    params = yaml.safe_load((tmp_path / "params-ijepa.yaml").read_text())
+    assert params["data"]["crop_size"] == 48 and params["meta"]["model_name"] == "vit_tiny"
+    checkpoint = read_checkpoint(tmp_path / "jepa-latest.pth.tar")
+    for key in ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr"):
+        assert key in checkpoint, key
+    assert all(k.startswith("module.") for k in checkpoint["encoder"])
+    assert checkpoint["epoch"] == 1 and checkpoint["fastjepa"]["itr"] == 1  # stopped one step into epoch 2
+
+
+@pytest.mark.parametrize("first", [2, 3])  # inside an epoch and at an epoch boundary
+def test_resume_continues_exactly(tmp_path, first):
+    straight = fit(out=tmp_path / "straight", max_steps=6, **SMALL)
+    fit(out=tmp_path / "split", max_steps=first, **SMALL)
+    resumed = fit(out=tmp_path / "split", max_steps=6 - first, resume="latest", **SMALL)
+    assert resumed.steps == 6 - first
+    strip_time = lambda rows: [r[:5] + r[6:9] for r in rows]  # the time and throughput columns differ
+    assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))
+    a = read_checkpoint(tmp_path / "straight" / "jepa-latest.pth.tar")
+    b = read_checkpoint(tmp_path / "split" / "jepa-latest.pth.tar")
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part  # bit for bit
+    assert straight.losses[first:] == resumed.losses
+
+
+def test_reference_main_takes_a_config_dict(tmp_path):
+    config = tiny_preset()
+    config["data"].update(crop_size=48, batch_size=4, repeat=1)
+    config["mask"]["min_keep"] = 1
+    config["meta"]["pred_depth"] = 1
+    config["optimization"]["epochs"] = 1
+    config["logging"]["folder"] = str(tmp_path / "run")
+    result = main(config, progress=False)
+    assert result.folder == tmp_path / "run" and result.steps == 3
+    assert (tmp_path / "run" / "jepa-latest.pth.tar").exists()
+
+
+def write_images(folder, count, size=(60, 50)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy()).save(folder / f"img{i}.png")
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_images(data, 8)
+    good = (data / "img0.png").read_bytes()
+    (data / "truncated.png").write_bytes(good[: len(good) // 3])
+    (data / "notes.txt").write_text("not an image")
+    (data / "fake.jpg").write_text("not a jpeg either")
+    result = fit(out=tmp_path / "run", root_path=str(data), **{**SMALL, "batch_size": 5, "epochs": 2})
+    assert result.steps == 4 and result.skipped_images >= 1  # 10 image files -> 2 steps per epoch
+    out = capsys.readouterr().out
+    assert "1 files that are not images" in out and "unreadable images skipped" in out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastjepa", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "mask.min_kepe=3"], "unknown key mask.min_kepe"),
+        (["--set", "data.batch_size=zero"], "data.batch_size must be an integer"),
+        (["--set", "optimization.lr=-1"], "optimization.lr must be > 0"),
+        (["--config", "/nonexistent.yaml"], "cannot read config"),
+        (["--set", "nodot"], "section.key=value"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_line(args, message):
+    done = run_cli("train", *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_data_and_checkpoint_errors_exit_1(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("train", "--set", f"data.root_path={empty}", "--out", str(tmp_path / "a"))
+    assert done.returncode == 1 and "no images" in done.stderr.lower()
+    run = tmp_path / "b"
+    run.mkdir()
+    (run / "jepa-latest.pth.tar").write_bytes(b"\x80\x02truncated")
+    done = run_cli("train", "--out", str(run), "--resume")
+    assert done.returncode == 1 and "truncated or corrupt" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["in1k_vith14_ep300", "in1k_vith16-448_ep300", "in22k_vith14_ep66", "in22k_vitg16_ep44"])
+def test_dry_run_of_published_configs(name):
+    done = run_cli("train", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    for expected in ("config is valid", "encoder", "GFLOP", "memory", "not found"):
+        assert expected in done.stdout
+
+
+def test_dry_run_reports_the_reference_vit_h_numbers(capsys):
+    assert cli(["train", "--config", str(CONFIGS / "in1k_vith14_ep300.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder 630.4 M" in out and "predictor 22.3 M" in out
+
+
+def test_interrupt_during_a_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    fit(out=tmp_path, max_steps=2, **SMALL)
+    before = (tmp_path / "jepa-latest.pth.tar").read_bytes()
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(out=tmp_path, max_steps=1, resume="latest", **SMALL)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "jepa-latest.pth.tar").read_bytes() == before
+    assert not list(tmp_path.glob(".tmp-*"))
+    read_checkpoint(tmp_path / "jepa-latest.pth.tar")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    fit(out=tmp_path, max_steps=1, **SMALL)
+    before = (tmp_path / "jepa-latest.pth.tar").read_bytes()
+    with pytest.raises(FloatingPointError, match="global step"):
+        fit(out=tmp_path, max_steps=5, resume="latest", **{**SMALL, "lr": 1e30, "start_lr": 1e30, "weight_decay": 0.0, "final_weight_decay": 0.0})
+    assert (tmp_path / "jepa-latest.pth.tar").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_default_train_finishes_with_a_falling_loss(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastjepa", "train", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (folder,) = tmp_path.glob("fastjepa-run-*")
+    losses = [float(r[2]) for r in csv_rows(folder)[1:]]
+    assert len(losses) == 240
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
