@@ -221,7 +221,7 @@ def apply_override(config: dict, assignment: str) -> None:
         known = ", ".join(f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]) if section not in SCHEMA else ", ".join(SCHEMA[section])
         raise ConfigError(f"unknown key {name.strip()}; known: {known}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text) if text.strip() else ""  # "key=" sets an empty string
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {name.strip()}: cannot parse {text!r}: {str(e).splitlines()[0]}") from e
     config.setdefault(section, {})[key] = value

@@ -282,13 +282,12 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
-                if step >= total_steps and step < opt_cfg["epochs"] * ipe and itr + 1 < ipe:
+                stop, mid_epoch = step >= total_steps, itr + 1 < ipe  # the epoch's end saves below
+                if mid_epoch and (stop or (checkpoint_every is not None and step % checkpoint_every == 0)):
                     save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
                     saved = latest
+                if stop and mid_epoch:
                     break
-                if checkpoint_every is not None and step % checkpoint_every == 0 and itr + 1 < ipe:
-                    save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
-                    saved = latest
             else:
                 average = sum(epoch_losses) / max(len(epoch_losses), 1)
                 save(epoch + 1, 0, average)
@@ -297,7 +296,8 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                     save(epoch + 1, 0, average, folder / f"{tag}-ep{epoch + 1}.pth.tar")
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted at step {step}; the last complete checkpoint is {saved or latest if latest.exists() else 'not written yet'}")
+        last = latest if latest.exists() else "none written yet"
+        print(f"\ninterrupted at step {step}; the last complete checkpoint: {last}")
         raise
     finally:
         bar.close()

@@ -169,3 +169,44 @@ def test_default_train_finishes_with_a_falling_loss(tmp_path):
     losses = [float(r[2]) for r in csv_rows(folder)[1:]]
     assert len(losses) == 240
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_checkpoint_every_and_numbered_copies(tmp_path, monkeypatch):
+    import fastjepa.train as train
+
+    written = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: (written.append((Path(path).name, state["fastjepa"]["itr"])), real(state, path)))
+    monkeypatch.setattr(train, "CHECKPOINT_FREQ", 2)
+    fit(out=tmp_path, checkpoint_every=2, **SMALL)  # 4 epochs of 3 steps
+    assert ("jepa-latest.pth.tar", 2) in written  # step 2, inside epoch 1
+    assert [name for name, _ in written if "-ep" in name] == ["jepa-ep2.pth.tar", "jepa-ep4.pth.tar"]
+    assert read_checkpoint(tmp_path / "jepa-ep2.pth.tar")["epoch"] == 2
+
+
+def test_tensorboard_scalars_when_tensorboard_is_installed(tmp_path, monkeypatch):
+    import types
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            assert Path(log_dir) == tmp_path / "tensorboard"
+
+        def add_scalar(self, name, value, step):
+            scalars.append((name, step))
+
+        def close(self):
+            scalars.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    fit(out=tmp_path, max_steps=2, **SMALL)
+    assert ("loss", 0) in scalars and ("img_per_s", 1) in scalars and scalars[-1] == ("closed", None)
+
+
+def test_empty_override_sets_an_empty_path():
+    from fastjepa.config import apply_override, validate
+
+    config = {}
+    apply_override(config, "data.image_folder=")
+    assert validate(config)["data"]["image_folder"] == ""
