@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from common import hardware, host_times_ms, write_rows
+from common import RESULTS, hardware, host_times_ms, write_rows
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 
 REFERENCE_MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10, allow_overlap=False)
@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{'provider':<10} {'device':<6} {'median ms':>10} {'p20':>8} {'p80':>8}   {shape}, one CPU thread")
     for row in rows:
         print(f"{row['provider']:<10} {row['device']:<6} {row['median_ms']:>10.3f} {row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f}")
-    print(f"appended {len(rows)} rows to {write_rows('bench_masks', rows)}")
+    print(f"appended {len(rows)} rows to {write_rows(RESULTS / 'bench_masks.jsonl', rows)}")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,15 @@ def host_times_ms(fn, iters: int, warmup: int) -> dict[str, float]:
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
-def write_rows(name: str, rows: list[dict]) -> Path:
-    """Append rows (with hardware, versions, command and date) to results/<name>.jsonl."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.jsonl"
+def write_rows(path: Path, rows: list[dict], argv: list[str] | None = None) -> Path:
+    """Append rows (with date, command, python and torch versions) to the JSONL file ``path``.
+    ``argv`` is the command line, script first (default ``sys.argv``)."""
+    argv = sys.argv if argv is None else argv
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     common = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in ["python", f"benchmarks/{Path(argv[0]).name}", *argv[1:]]),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

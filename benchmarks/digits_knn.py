@@ -26,10 +26,6 @@ that stayed closest to random init.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -42,7 +38,7 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import RESULTS, cpu_name  # noqa: E402
+from common import RESULTS, cpu_name, write_rows  # noqa: E402
 from fastjepa.eval import encoder_from_checkpoint, extract_features, knn_top1, linear_probe_top1, load_digits  # noqa: E402
 from fastjepa.helper import init_model  # noqa: E402
 from fastjepa.train import fit  # noqa: E402
@@ -91,20 +87,6 @@ def probe(encoder, train_images, train_labels, test_images, test_labels) -> dict
         "knn": knn_top1(train, train_labels, test, test_labels, k=K),
         "linear": linear_probe_top1(train, train_labels, test, test_labels),
     }
-
-
-def append_row(path: Path, row: dict, argv: list[str]) -> None:
-    """Append row with what common.write_rows adds (date, command, python, torch)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    row = {
-        **row,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/digits_knn.py", *argv]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def settings_summary(settings: dict) -> str:
@@ -196,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'raw 8x8 pixels':<28} {100 * knn_pixels:>15.1f}%")
     print(f"target - random: kNN {100 * (row['knn_trained'] - row['knn_random']):+.1f} points, "
           f"linear {100 * (row['linear_trained'] - row['linear_random']):+.1f} points")
-    append_row(args.results, row, argv)
+    write_rows(args.results, [row], [__file__, *argv])
     print(f"appended 1 row to {args.results}")
     return row
 

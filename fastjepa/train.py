@@ -243,16 +243,17 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
     step = first_step
     bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
+    order = SeededSampler(samples_per_epoch, seed, dataset_size=len(dataset))
+    loader = DataLoader(dataset, batch_size=data["batch_size"], sampler=order, num_workers=data["num_workers"],
+                        pin_memory=data["pin_mem"] and device.type == "cuda", drop_last=True, collate_fn=collate_images,
+                        persistent_workers=data["num_workers"] > 0)  # workers live across epochs
     try:
         for epoch in range(start_epoch, opt_cfg["epochs"]):
             if step >= total_steps:
                 break
-            order = SeededSampler(samples_per_epoch, seed, dataset_size=len(dataset))
             order.set_epoch(epoch)
             first_itr = start_itr if epoch == start_epoch else 0
             order.skip(first_itr * data["batch_size"])
-            loader = DataLoader(dataset, batch_size=data["batch_size"], sampler=order, num_workers=data["num_workers"],
-                                pin_memory=data["pin_mem"] and device.type == "cuda", drop_last=True, collate_fn=collate_images)
             epoch_losses = []
             tick = time.perf_counter()
             for itr, (images, _, bad) in enumerate(loader, start=first_itr):
