@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import os
 import platform
@@ -10,6 +9,7 @@ import platform
 import torch
 
 import fastjepa
+from fastjepa.ops.backend import device_problem, import_problem
 
 
 def _version(distribution: str) -> str | None:
@@ -19,39 +19,25 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _importable(module: str) -> str | None:
-    """None when ``module`` imports, else the reason in one line."""
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # an install can fail at import in many ways; report any of them
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-    return None
-
-
 def backends() -> dict[str, str]:
     """Each backend -> 'usable ...' or 'not usable: <why>'."""
     has_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if has_gpu else "cpu")
     found = {"torch": "usable (the reference implementation, every device)"}
 
-    triton_problem = _importable("triton")
+    triton_problem = device_problem("triton", device)
     if triton_problem:
         found["triton"] = f"not usable: {triton_problem}"
-    elif has_gpu:
-        found["triton"] = "usable (GPU)"
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        found["triton"] = "usable through the interpreter (TRITON_INTERPRET=1, CPU tensors, slow)"
     else:
-        found["triton"] = "not usable: no GPU (set TRITON_INTERPRET=1 to run kernels in the interpreter)"
+        found["triton"] = "usable (GPU)" if has_gpu else "usable through the interpreter (TRITON_INTERPRET=1, CPU tensors, slow)"
 
-    ext_problem = _importable("fastjepa._C")
-    if ext_problem:
-        found["cuda"] = f"not usable: the CUDA extension fastjepa._C is not built ({ext_problem})"
-    elif has_gpu:
-        found["cuda"] = "usable"
+    cuda_problem = device_problem("cuda", torch.device("cuda"))
+    if cuda_problem:
+        found["cuda"] = f"not usable: {cuda_problem}"
     else:
-        found["cuda"] = "not usable: fastjepa._C is built but there is no GPU"
+        found["cuda"] = "usable" if has_gpu else "not usable: fastjepa._C is built but there is no GPU"
 
-    dali_problem = _importable("nvidia.dali")
+    dali_problem = import_problem("nvidia.dali")
     if dali_problem:
         found["dali"] = f"not usable: NVIDIA DALI is not installed ({dali_problem})"
     else:

@@ -1,0 +1,115 @@
+"""Which implementation runs an op: ``torch`` (the reference, every device), ``triton``
+(``fastjepa.kernels``) or ``cuda`` (``fastjepa._C``).
+
+The automatic choice is the fastest backend that can serve the call: on CUDA tensors
+``cuda``, then ``triton``, then ``torch``; on the CPU ``torch`` (the Triton interpreter is a
+test tool, never chosen automatically). ``FASTJEPA_BACKEND=torch|triton|cuda`` or
+``use_backend(name)`` forces one; a forced backend that cannot serve a call raises
+``BackendError`` saying why, in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "FASTJEPA_BACKEND"
+
+_forced: str | None = None
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run an op on the tensors it was given."""
+
+
+class use_backend:
+    """Force a backend: ``use_backend("triton")`` for the rest of the process, or
+    ``with use_backend("torch"): ...`` for a block. ``use_backend(None)`` restores the
+    automatic choice. Takes precedence over ``FASTJEPA_BACKEND``."""
+
+    def __init__(self, name: str | None):
+        global _forced
+        if name is not None and name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} (or None for automatic)")
+        self.previous, _forced = _forced, name
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _forced
+        _forced = self.previous
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``FASTJEPA_BACKEND``, or None (automatic)."""
+    if _forced is not None:
+        return _forced
+    name = os.environ.get(ENV_VAR, "").strip()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise BackendError(f"{ENV_VAR}={name!r} is not a backend: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def import_problem(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken install fails at import in many ways; report any of them
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def device_problem(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at all (None when it can)."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        problem = import_problem("triton")
+        if problem:
+            return f"triton is not importable ({problem}); pip install triton"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        if device.type == "cpu":
+            return "Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 before importing fastjepa to run them in the CPU interpreter"
+        return f"Triton kernels do not run on {device.type} tensors"
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        problem = import_problem("fastjepa._C")
+        if problem:
+            return f"the CUDA extension fastjepa._C is not built ({problem})"
+        return None
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], str | None]]) -> str:
+    """The backend that runs ``op`` on ``device``.
+
+    ``call_problem`` maps each backend that implements ``op`` to a function returning why it
+    cannot serve this particular call (dtype, layout, ...) or None.
+    """
+    forced = forced_backend()
+    candidates = [forced] if forced else (["cuda", "triton", "torch"] if device.type == "cuda" else ["torch"])
+    for name in candidates:
+        if name not in call_problem:
+            problem = f"{op} has no {name} implementation (it has: {', '.join(call_problem)})"
+        else:
+            problem = device_problem(name, device) or call_problem[name]()
+        if problem is None:
+            return name
+        if forced:
+            raise BackendError(f"{op}: backend {name!r} cannot run this call: {problem}")
+    return "torch"

@@ -1,0 +1,94 @@
+"""Fused EMA of the target encoder: ``target <- m * target + (1 - m) * online``.
+
+``ema_update_(targets, onlines, momentum, shadows=())`` updates every target tensor in place
+(one Triton launch for the whole list on CUDA), and when ``shadows`` are given also writes
+the new target into them in their dtype (a bf16 copy for the next forward) in the same pass.
+``momentum`` is a float or a 0-d tensor on the tensors' device; a device tensor costs no
+host sync, and a changing value never recompiles anything.
+
+The torch backend is the reference trainer's update, ``t.mul_(m).add_((1 - m) * o)``,
+done in the target's dtype; the kernel computes ``m * t + (1 - m) * o`` in fp32 (within
+an ulp or two of the reference: the GPU may fuse it into one multiply-add).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fastjepa.ops.backend import select
+
+KERNEL_ONLINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_problem(targets, onlines, shadows):
+    if any(t.dtype != torch.float32 for t in targets):
+        return "the Triton EMA needs float32 targets"
+    online_dtypes = {o.dtype for o in onlines}
+    if len(online_dtypes) > 1 or not online_dtypes <= set(KERNEL_ONLINE_DTYPES):
+        return f"the Triton EMA needs one online dtype among float32, bfloat16, float16; got {sorted(map(str, online_dtypes))}"
+    if len({s.dtype for s in shadows}) > 1:
+        return "the Triton EMA needs one shadow dtype"
+    if shadows and shadows[0].dtype not in KERNEL_ONLINE_DTYPES:
+        return f"the Triton EMA writes float32, bfloat16 or float16 shadows, got {shadows[0].dtype}"
+    if not all(t.is_contiguous() for group in (targets, onlines, shadows) for t in group):
+        return "the Triton EMA needs contiguous tensors"
+    return None
+
+
+@torch.library.custom_op("fastjepa::ema_update_", mutates_args=("targets", "shadows"))
+def _ema_update_(targets: list[Tensor], onlines: list[Tensor], momentum: Tensor, shadows: list[Tensor]) -> None:
+    if not targets:
+        return
+    problems = {"torch": lambda: None, "triton": lambda: _triton_problem(targets, onlines, shadows)}
+    backend = select("ema_update_", targets[0].device, problems)
+    if backend == "triton":
+        from fastjepa.kernels.ema import ema_update
+
+        ema_update(targets, onlines, shadows, momentum.to(torch.float32))
+        return
+    with torch.no_grad():
+        for t, o in zip(targets, onlines):
+            m = momentum.to(t.dtype)
+            t.mul_(m).add_((1 - m) * o.to(t.dtype))
+        if shadows:
+            torch._foreach_copy_(shadows, targets)
+
+
+@_ema_update_.register_fake
+def _(targets, onlines, momentum, shadows):
+    return None
+
+
+def ema_update_(targets: Sequence[Tensor], onlines: Sequence[Tensor], momentum: float | Tensor, shadows: Sequence[Tensor] = ()) -> None:
+    """EMA of ``onlines`` into ``targets`` (and ``shadows``): see the module docstring."""
+    op = "ema_update_"
+    targets, onlines, shadows = list(targets), list(onlines), list(shadows)
+    if len(targets) != len(onlines):
+        raise ValueError(f"{op}: {len(targets)} target tensors but {len(onlines)} online tensors")
+    if shadows and len(shadows) != len(targets):
+        raise ValueError(f"{op}: {len(shadows)} shadow tensors for {len(targets)} targets (give one per target, or none)")
+    if not targets:
+        return
+    device = targets[0].device
+    for name, group in (("targets", targets), ("onlines", onlines), ("shadows", shadows)):
+        for i, t in enumerate(group):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but targets[0] is on {device}: all tensors must share one device")
+            if t.shape != targets[i].shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but targets[{i}] has {tuple(targets[i].shape)}")
+    if isinstance(momentum, Tensor):
+        if momentum.dim() != 0 or not momentum.is_floating_point():
+            raise ValueError(f"{op}: momentum must be a float or a 0-d float tensor, got {momentum.dtype} of shape {tuple(momentum.shape)}")
+        if momentum.device != device:
+            raise ValueError(f"{op}: momentum is on {momentum.device} but the tensors are on {device}")
+    else:
+        dtype = torch.float64 if targets[0].dtype == torch.float64 else torch.float32
+        momentum = torch.full((), float(momentum), device=device, dtype=dtype)
+    _ema_update_(targets, onlines, momentum, shadows)

@@ -1,0 +1,43 @@
+"""Shared test set-up. Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET
+must be set before any kernel module is imported, so it is set here, first."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastjepa.ops.backend import device_problem  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backend_or_skip(name: str) -> str:
+    """``name``, or skip the test with the reason the backend cannot run on DEVICE here."""
+    problem = device_problem(name, DEVICE)
+    if problem:
+        pytest.skip(f"backend {name} unavailable: {problem}")
+    return name
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    return backend_or_skip(request.param)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make every float ``torch.empty`` / ``empty_like`` NaN-filled, so an output element a
+    kernel forgets to write fails the comparison instead of passing as leftover zeros."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
