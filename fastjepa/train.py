@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from fastjepa.config import ConfigError, find_key, mask_sampler, tiny_preset, va
 from fastjepa.data import ImageDataset, SeededSampler, collate_images, make_transforms
 from fastjepa.data.normalize import normalize
 from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
-from fastjepa.masks.utils import apply_masks
+from fastjepa.masks.utils import stack_masks
+from fastjepa.ops import ema_update_, gather_tokens
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.utils.tensors import repeat_interleave_batch
 
@@ -35,23 +36,15 @@ class StepResult:
     momentum: float
 
 
-@torch.no_grad()
-def ema_update_(target_params: Iterable[torch.Tensor], online_params: Iterable[torch.Tensor], momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, for every pair."""
-    targets, onlines = list(target_params), list(online_params)
-    if len(targets) != len(onlines):
-        raise ValueError(f"ema_update_: {len(targets)} target tensors but {len(onlines)} online tensors")
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, onlines, alpha=1.0 - momentum)
-
-
 def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
     """Smooth-L1 (beta 1, mean) between the predictor's output and the target
     encoder's output after a LayerNorm without affine (eps 1e-5), at the target blocks."""
     with torch.no_grad():
         h = target_encoder(imgs)
         h = F.layer_norm(h, (h.size(-1),))
-        h = repeat_interleave_batch(apply_masks(h, masks_pred), len(imgs), repeat=len(masks_enc))
+        B = len(imgs)
+        target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=len(masks_enc))
+        h = gather_tokens(h, target_index.to(h.device))
     z = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred)
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
     return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
@@ -80,7 +73,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     momentum = next(momentum_scheduler)
-    ema_update_(target_encoder.parameters(), encoder.parameters(), momentum)
+    ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
     return StepResult(loss.detach(), lr, wd, momentum)
 
 

@@ -176,3 +176,32 @@ def test_pos_encoding_is_interpolated_at_another_resolution():
 def test_bad_model_parameters_raise_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_encoder_and_predictor_compile_without_graph_breaks():
+    """fullgraph=True fails on any graph break, including at the fastjepa ops."""
+    from fastjepa.models.vision_transformer import vit_predictor, vit_tiny
+
+    torch.manual_seed(0)
+    encoder = vit_tiny(img_size=[32], patch_size=8, depth=2)
+    predictor = vit_predictor(num_patches=16, embed_dim=192, predictor_embed_dim=48, depth=1, num_heads=3)
+    imgs = torch.randn(2, 3, 32, 32)
+    masks_enc = [torch.tensor([[0, 1, 2, 5], [3, 4, 8, 9]])]
+    masks_pred = [torch.tensor([[6, 7], [10, 11]]), torch.tensor([[12, 13], [14, 15]])]
+
+    def loss(encoder, predictor):
+        return predictor(encoder(imgs, masks_enc), masks_enc, masks_pred).square().mean()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = compiled(encoder, predictor)
+    got.backward()
+    compiled_grads = [p.grad.clone() for p in encoder.parameters() if p.grad is not None]
+    encoder.zero_grad()
+    predictor.zero_grad()
+    want = loss(encoder, predictor)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    eager_grads = [p.grad for p in encoder.parameters() if p.grad is not None]
+    assert len(compiled_grads) == len(eager_grads) > 0
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastjepa.masks.utils import _as_list, apply_masks
+from fastjepa.masks.utils import _as_list, stack_masks
+from fastjepa.ops import gather_tokens, pos_tokens
 from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
 
 __all__ = [
@@ -247,9 +248,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, masks=None):
         x = self.patch_embed(x)
-        x = x + self.interpolate_pos_encoding(x, self.pos_embed)
-        if masks is not None:
-            x = apply_masks(x, masks)
+        pos = self.interpolate_pos_encoding(x, self.pos_embed)
+        if masks is None:
+            x = x + pos
+        else:  # the reference adds pos to every token, then gathers: the same values, fused
+            x = gather_tokens(x, stack_masks(masks, len(x)).to(x.device), pos)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -313,11 +316,11 @@ class VisionTransformerPredictor(nn.Module):
         pos_table = self.predictor_pos_embed[0]  # (N, D'): rows looked up by token index
 
         x = self.predictor_embed(x)
-        x += pos_table[torch.cat(masks_x)]  # in place, as the reference: keeps x's autocast dtype
+        x = pos_tokens(x, stack_masks(masks_x, B).to(x.device), pos_table)  # x's dtype, as the reference's in-place add
         n_context = x.shape[1]
 
-        target_pos = repeat_interleave_batch(pos_table[torch.cat(masks)], B, repeat=len(masks_x))
-        pred_tokens = self.mask_token + target_pos
+        target_index = repeat_interleave_batch(stack_masks(masks, B).to(x.device), B, repeat=len(masks_x))
+        pred_tokens = pos_tokens(self.mask_token.view(-1), target_index, pos_table)
 
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
         for block in self.predictor_blocks:
