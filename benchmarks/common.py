@@ -59,3 +59,23 @@ def write_rows(path: Path, rows: list[dict], argv: list[str] | None = None) -> P
         for row in rows:
             f.write(json.dumps({**row, **common}) + "\n")
     return path
+
+
+def device_times_ms(fn, device: torch.device, iters: int = 100, warmup: int = 10) -> dict[str, float]:
+    """Median, p20 and p80 of ``fn()`` in ms: CUDA events through ``triton.testing.do_bench``
+    (which flushes the L2 cache before every run) on a GPU, host wall time on the CPU."""
+    if device.type != "cuda":
+        return host_times_ms(fn, iters=iters, warmup=warmup)
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in GB/s, counting bytes read and written:
+    the ceiling bandwidth-bound kernels are reported against."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    times = device_times_ms(lambda: dst.copy_(src), device, iters=20, warmup=3)
+    return 2 * nbytes / times["median_ms"] / 1e6

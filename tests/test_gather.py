@@ -275,3 +275,22 @@ def test_compiles_without_graph_breaks():
     x.grad = mask_token.grad = None
     tokens(x, idx, pos, mask_token).backward()
     assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], mask_token.grad)
+
+
+def test_backward_runs_on_the_backend_forced_at_the_forward(monkeypatch):
+    from fastjepa.ops import backend as backend_module
+
+    chosen = []
+    real_select = backend_module.select
+
+    def spy(op, device, problems, forced=None):
+        chosen.append(real_select(op, device, problems, forced))
+        return chosen[-1]
+
+    monkeypatch.setattr("fastjepa.ops.gather.select", spy)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    with use_backend("torch"):
+        out = gather_tokens(x, torch.tensor([[0, 1], [2, 3]]))
+    with use_backend("cuda"):  # would fail if the backward asked for the current choice
+        out.sum().backward()
+    assert chosen == ["torch", "torch"]

@@ -95,13 +95,14 @@ def device_problem(name: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], str | None]]) -> str:
+def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], str | None]], forced: str | None = None) -> str:
     """The backend that runs ``op`` on ``device``.
 
     ``call_problem`` maps each backend that implements ``op`` to a function returning why it
-    cannot serve this particular call (dtype, layout, ...) or None.
+    cannot serve this particular call (dtype, layout, ...) or None. ``forced`` (a backward
+    pass: the backend forced when its forward ran) overrides ``forced_backend()``.
     """
-    forced = forced_backend()
+    forced = forced or forced_backend()
     candidates = [forced] if forced else (["cuda", "triton", "torch"] if device.type == "cuda" else ["torch"])
     for name in candidates:
         if name not in call_problem:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import select
+from fastjepa.ops.backend import forced_backend, select
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -155,12 +155,15 @@ def _(x, idx, pos, cu_seqlens):
 
 
 @torch.library.custom_op("fastjepa::gather_tokens_backward", mutates_args=())
-def _gather_tokens_backward(grad: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor], B: int, N: int, dtype: torch.dtype) -> Tensor:
+def _gather_tokens_backward(
+    grad: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor], B: int, N: int, dtype: torch.dtype, forced_backend: str
+) -> Tensor:
+    """Gradient of gather_tokens for x; ``forced_backend`` is the one forced at the forward ("" if none)."""
     D = grad.shape[-1]
     R = _num_rows(idx, cu_seqlens)
     rows = _token_rows(idx, cu_seqlens)
     grad = grad.reshape(-1, D)
-    backend = select("gather_tokens", grad.device, _gather_problem(grad, None))
+    backend = select("gather_tokens", grad.device, _gather_problem(grad, None), forced=forced_backend or None)
     if backend == "triton":
         from fastjepa.kernels.gather import gather_bwd
 
@@ -186,7 +189,7 @@ def _gather_tokens_backward(grad: Tensor, idx: Tensor, cu_seqlens: Optional[Tens
 
 
 @_gather_tokens_backward.register_fake
-def _(grad, idx, cu_seqlens, B, N, dtype):
+def _(grad, idx, cu_seqlens, B, N, dtype, forced_backend):
     return grad.new_empty((B, N, grad.shape[-1]), dtype=dtype)
 
 
@@ -201,6 +204,7 @@ def _gather_setup_context(ctx, inputs, output):
     x, idx, pos, cu_seqlens = inputs
     ctx.save_for_backward(idx, cu_seqlens, pos)
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.forced_backend = forced_backend() or ""  # the backward runs on the backend the forward was forced to
 
 
 def _gather_backward(ctx, grad):
@@ -208,7 +212,7 @@ def _gather_backward(ctx, grad):
     B, N, _ = ctx.x_shape
     grad_x = grad_pos = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fastjepa.gather_tokens_backward(grad, idx, cu_seqlens, B, N, ctx.x_dtype)
+        grad_x = torch.ops.fastjepa.gather_tokens_backward(grad, idx, cu_seqlens, B, N, ctx.x_dtype, ctx.forced_backend)
     if ctx.needs_input_grad[2]:
         grad_pos = _index_add_pos_grad(grad, idx, pos)
     return grad_x, None, grad_pos, None

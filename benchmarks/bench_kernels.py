@@ -1,0 +1,225 @@
+"""Kernel microbenchmarks: the masked-token gather and the EMA against their peers.
+
+    python benchmarks/bench_kernels.py              # ViT-B/16, ViT-L/16, ViT-H/14, B=128, bf16 tokens (a GPU)
+    python benchmarks/bench_kernels.py --quick      # tiny shapes, a few runs: checks the script (CPU: torch
+                                                    # backend and, with TRITON_INTERPRET=1, the interpreter)
+
+gather: the context tokens of one mask, K = 36% of the N patches per sample (92 of 256 for
+ViT-H/14), forward, backward and both. Peers: the reference's ``apply_masks`` idiom (an
+int64 index repeated to (B, K, D), ``torch.gather``, ``torch.cat``) and ``torch.gather``
+with an expanded index. Bytes: forward reads and writes B*K*D values; backward reads
+B*K*D and writes all B*N*D gradient values (zeros included).
+
+ema: every fp32 parameter of the encoder (389 tensors, 630 M values for ViT-H/14).
+Peers: the reference's per-parameter ``mul_``/``add_`` loop and ``torch._foreach_lerp_``.
+Bytes: 12 per parameter (read target and online, write target), 14 with a bf16 shadow.
+
+Every provider's result is first checked against the reference idiom; then times are
+medians (p20, p80) from ``triton.testing.do_bench`` on a GPU (L2 flushed before each run),
+host wall time on the CPU. "% copy" compares the achieved bandwidth with a device-to-device
+copy measured in the same run. Rows are appended to benchmarks/results/bench_kernels.jsonl
+(or --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # imported by path (the tests), not run as a script
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import RESULTS, copy_bandwidth_gbs, device_times_ms, hardware, write_rows  # noqa: E402
+from fastjepa.models import vision_transformer as vit  # noqa: E402
+from fastjepa.ops import ema_update_, gather_tokens, use_backend  # noqa: E402
+from fastjepa.ops.backend import device_problem  # noqa: E402
+
+# model -> (patch size, image size)
+MODELS = {"vit_base": (16, 224), "vit_large": (16, 224), "vit_huge": (14, 224)}
+QUICK_MODELS = {"vit_tiny": (16, 64)}
+CONTEXT_FRACTION = 0.36
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------------------ gather
+
+
+def reference_apply_masks(x, idx):
+    """The reference's idiom: an int64 index repeated to (B, K, D), gather, cat."""
+    return torch.cat([torch.gather(x, dim=1, index=idx.unsqueeze(-1).repeat(1, 1, x.size(-1)))], dim=0)
+
+
+def gather_expand(x, idx):
+    return torch.gather(x, dim=1, index=idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+def fastjepa_gather(backend):
+    def run(x, idx):
+        with use_backend(backend):
+            return gather_tokens(x, idx)
+
+    return run
+
+
+def gather_providers(device):
+    providers = {"reference apply_masks": (reference_apply_masks, torch.int64), "torch.gather+expand": (gather_expand, torch.int64)}
+    for backend in ("triton", "torch"):
+        if device_problem(backend, device) is None:
+            providers[f"fastjepa {backend}"] = (fastjepa_gather(backend), torch.int32)
+    return providers
+
+
+def bench_gather(model, B, dtype, device, quick):
+    patch, size = (QUICK_MODELS if quick else MODELS)[model]
+    N, D = (size // patch) ** 2, vit.VIT_SHAPES[model][0]
+    K = round(CONTEXT_FRACTION * N)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, N, D, device=device, generator=g).to(dtype).requires_grad_()
+    idx = torch.rand(B, N, device=device, generator=g).argsort(dim=1)[:, :K]
+    grad = torch.randn(B, K, D, device=device, generator=g).to(dtype)
+    itemsize = x.element_size()
+    moved = {"fwd": 2 * B * K * D * itemsize, "bwd": (B * K * D + B * N * D) * itemsize}
+    moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
+
+    expected_out = reference_apply_masks(x, idx)
+    (expected_grad,) = torch.autograd.grad(expected_out, x, grad)
+    rows = []
+    for provider, (fn, index_dtype) in gather_providers(device).items():
+        index = idx.to(index_dtype)
+        out = fn(x, index)
+        (grad_x,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        if not (torch.equal(out, expected_out) and torch.equal(grad_x, expected_grad)):
+            raise AssertionError(f"gather: {provider} disagrees with the reference idiom on {model}")
+        modes = {
+            "fwd": lambda: fn(x, index),
+            "bwd": lambda: torch.autograd.grad(out, x, grad, retain_graph=True),
+            "fwd+bwd": lambda: torch.autograd.grad(fn(x, index), x, grad),
+        }
+        for mode, run in modes.items():
+            rows.append({"op": "gather", "mode": mode, "model": model, "provider": provider,
+                         "shape": f"B={B} N={N} K={K} D={D}", "dtype": str(dtype).replace("torch.", ""),
+                         "bytes": moved[mode], **timed(run, device, quick)})
+    return rows
+
+
+# --------------------------------------------------------------------------------- ema
+
+
+def encoder_shapes(model, quick):
+    patch, size = (QUICK_MODELS if quick else MODELS)[model]
+    with torch.device("meta"):
+        encoder = vit.__dict__[model](img_size=[size], patch_size=patch, **({"depth": 1} if quick else {}))
+    return [p.shape for p in encoder.parameters()]
+
+
+def ema_loop(targets, onlines, m):
+    for t, o in zip(targets, onlines):
+        t.mul_(m).add_((1.0 - m) * o)
+
+
+def bench_ema(model, device, quick):
+    shapes = encoder_shapes(model, quick)
+    params = sum(s.numel() for s in shapes)
+    g = torch.Generator(device=device).manual_seed(0)
+    targets = [torch.randn(s, device=device, generator=g) for s in shapes]
+    onlines = [torch.randn(s, device=device, generator=g) for s in shapes]
+    shadows = [torch.empty(s, device=device, dtype=torch.bfloat16) for s in shapes]
+    m = 0.996
+    momentum = torch.tensor(m, device=device)
+    providers = {
+        "reference loop": (lambda: ema_loop(targets, onlines, m), 12),
+        "torch._foreach_lerp_": (lambda: torch._foreach_lerp_(targets, onlines, 1.0 - m), 12),
+    }
+    if device_problem("triton", device) is None:
+        def triton_ema(with_shadow):
+            def run():
+                with use_backend("triton"):
+                    ema_update_(targets, onlines, momentum, shadows if with_shadow else ())
+            return run
+        providers["fastjepa triton"] = (triton_ema(False), 12)
+        providers["fastjepa triton +bf16 shadow"] = (triton_ema(True), 14)
+
+    start = [t.clone() for t in targets[:3]]
+    expected = [m * t.double() + (1 - m) * o.double() for t, o in zip(start, onlines)]
+    rows = []
+    for provider, (run, bytes_per_param) in providers.items():
+        for t, s in zip(targets, start):
+            t.copy_(s)
+        run()
+        for t, e in zip(targets, expected):
+            torch.testing.assert_close(t.double(), e, rtol=1e-6, atol=1e-6, msg=lambda msg: f"ema: {provider} is wrong: {msg}")
+        rows.append({"op": "ema", "mode": "update", "model": model, "provider": provider,
+                     "shape": f"{len(shapes)} tensors, {params / 1e6:.1f} M params", "dtype": "float32",
+                     "bytes": bytes_per_param * params, **timed(run, device, quick)})
+    return rows
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def timed(run, device, quick):
+    times = device_times_ms(run, device, iters=3 if quick else 100, warmup=1 if quick else 10)
+    return {k: round(v, 5) for k, v in times.items()}
+
+
+def print_table(rows):
+    header = f"{'op':<7}{'mode':<9}{'model':<10}{'provider':<30}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}{'% copy':>8}{'vs ref':>8}"
+    print(header)
+    print("-" * len(header))
+    reference = {(r["op"], r["mode"], r["model"]): r["median_ms"] for r in rows if r["provider"] in ("reference apply_masks", "reference loop")}
+    for r in rows:
+        speedup = reference[(r["op"], r["mode"], r["model"])] / r["median_ms"]
+        print(f"{r['op']:<7}{r['mode']:<9}{r['model']:<10}{r['provider']:<30}{r['median_ms']:>11.4f}{r['p20_ms']:>9.4f}"
+              f"{r['p80_ms']:>9.4f}{r['gb_s']:>9.0f}{r['pct_copy']:>8.1f}{speedup:>7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 runs: checks the script, measures nothing")
+    parser.add_argument("--batch-size", type=int, default=None, help="gather batch size (default 128, --quick 4)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="token dtype for the gather (default bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--ops", default="gather,ema", help="comma-separated: gather, ema")
+    parser.add_argument("--results", type=Path, default=RESULTS / "bench_kernels.jsonl", help="JSONL file the rows are appended to")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    B = args.batch_size or (4 if args.quick else 128)
+    models = list(QUICK_MODELS if args.quick else MODELS)
+    ops = set(args.ops.split(","))
+    if not ops <= {"gather", "ema"}:
+        parser.error(f"--ops takes gather and/or ema, got {args.ops}")
+
+    copy_gbs = copy_bandwidth_gbs(device, nbytes=(1 << 22) if args.quick else (1 << 30))
+    print(f"{hardware(device)}: device-to-device copy {copy_gbs:.0f} GB/s (bytes read + written)")
+    rows = []
+    for model in models:
+        if "gather" in ops:
+            rows += bench_gather(model, B, dtype, device, args.quick)
+        if "ema" in ops:
+            rows += bench_ema(model, device, args.quick)
+    for r in rows:
+        r["gb_s"] = round(r["bytes"] / r["median_ms"] / 1e6, 1)
+        r["pct_copy"] = round(100 * r["gb_s"] / copy_gbs, 1)
+        r.update(bench="bench_kernels", quick=args.quick, device=device.type, hardware=hardware(device),
+                 copy_gb_s=round(copy_gbs, 1), triton=_triton_version())
+    print_table(rows)
+    write_rows(args.results, rows, [__file__, *argv])
+    print(f"appended {len(rows)} rows to {args.results}")
+    return rows
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    main()

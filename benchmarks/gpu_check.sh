@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine without network (../shared/ENVIRONMENT.md, "The H200 test
+# machine"): install the project from this checkout, print the GPU and versions, measure the
+# copy-bandwidth and bf16-matmul ceilings, run the GPU tests and the kernel benchmarks, and
+# write everything to one dated results file plus a markdown table:
+#
+#     benchmarks/gpu_check.sh        # from anywhere; about 5 minutes on an H200
+#
+#     benchmarks/results/<date>-<gpu>.jsonl   result rows (ceilings, kernels, test summary)
+#     benchmarks/results/<date>-<gpu>.md      the same as tables
+#     benchmarks/results/<date>-<gpu>.log     everything printed
+#
+# Every stage runs under its own time limit and a failing stage does not stop the others;
+# the exit code is non-zero when any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PYTHON=${PYTHON:-python}
+
+if ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device visible to torch; nothing to check" >&2
+    exit 2
+fi
+GPU=$($PYTHON -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+BASE=benchmarks/results/$(date -u +%Y-%m-%d)-$GPU
+RESULTS=$BASE.jsonl
+mkdir -p benchmarks/results
+exec > >(tee -a "$BASE.log") 2>&1
+
+failed=()
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+stage install 120 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
+stage versions 30 $PYTHON -c "
+import platform, torch, triton
+print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+stage ceilings 90 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
+stage gpu-tests 240 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
+    tests/test_gather.py tests/test_ema.py tests/test_ops_backend.py tests/test_multiblock.py \
+    tests/test_vision_transformer.py tests/test_train_step.py tests/test_train.py
+stage tests-summary 30 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
+import json, sys, datetime, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+row = {"bench": "gpu_tests", **{k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")},
+       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": "benchmarks/gpu_check.sh"}
+open(sys.argv[2], "a").write(json.dumps(row) + "\n")
+print(row)
+PY
+stage kernels 240 $PYTHON benchmarks/bench_kernels.py --results "$RESULTS"
+stage report 30 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
+rm -f "$BASE-tests.xml"
+
+echo
+if [ ${#failed[@]} -eq 0 ]; then
+    echo "gpu_check: all stages passed; results in $BASE.{jsonl,md,log}"
+else
+    echo "gpu_check: FAILED stages: ${failed[*]}; results so far in $BASE.{jsonl,md,log}"
+    exit 1
+fi

@@ -1,0 +1,68 @@
+"""Markdown tables from benchmark result rows (JSONL files written by the benchmarks).
+
+    python benchmarks/report.py benchmarks/results/2026-11-28-NVIDIA-H200.jsonl > table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REFERENCES = {"gather": "reference apply_masks", "ema": "reference loop"}
+
+
+def read_rows(paths) -> list[dict]:
+    rows = []
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{number}: not a JSON row ({e.msg})") from None
+    return rows
+
+
+def ceilings_table(rows) -> list[str]:
+    lines = ["| hardware | copy GB/s | matmul TFLOP/s | date | command |", "|---|---|---|---|---|"]
+    copies = {r["date"]: r for r in rows if r.get("bench") == "bench_ceilings" and r["op"] == "copy"}
+    for r in rows:
+        if r.get("bench") == "bench_ceilings" and r["op"] == "matmul":
+            copy = copies.get(r["date"], {})
+            lines.append(f"| {r['hardware']} | {copy.get('gb_s', '')} | {r['tflop_s']} ({r['dtype']}) | {r['date']} | `{r['command']}` |")
+    return lines if len(lines) > 2 else []
+
+
+def kernels_table(rows) -> list[str]:
+    kernel_rows = [r for r in rows if r.get("bench") == "bench_kernels"]
+    if not kernel_rows:
+        return []
+    reference = {(r["date"], r["op"], r["mode"], r["model"]): r["median_ms"] for r in kernel_rows if r["provider"] == REFERENCES[r["op"]]}
+    lines = ["| op | mode | model | shape | provider | median ms (p20-p80) | GB/s | % copy | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in kernel_rows:
+        ref = reference.get((r["date"], r["op"], r["mode"], r["model"]))
+        speedup = f"{ref / r['median_ms']:.2f}x" if ref else ""
+        lines.append(f"| {r['op']} | {r['mode']} | {r['model']} | {r['shape']} {r['dtype']} | {r['provider']} | "
+                     f"{r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) | {r['gb_s']:.0f} | {r['pct_copy']:.1f} | {speedup} |")
+    first = kernel_rows[0]
+    lines.append("")
+    lines.append(f"{first['hardware']}, torch {first['torch']}, triton {first.get('triton')}, {first['date']}: `{first['command']}`")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    rows = read_rows(args.files)
+    sections = [lines for lines in (ceilings_table(rows), kernels_table(rows)) if lines]
+    text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    sys.stdout.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

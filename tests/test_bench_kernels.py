@@ -1,0 +1,43 @@
+"""benchmarks/bench_kernels.py --quick: every provider runs, is checked against the reference
+idiom, and one well-formed row per (op, mode, model, provider) is written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):
+    module = load_script()
+    results = tmp_path / "rows.jsonl"
+    rows = module.main(["--quick", "--results", str(results)])
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(saved) == len(rows) > 0
+    providers = {(r["op"], r["provider"]) for r in saved}
+    assert {("gather", "reference apply_masks"), ("gather", "torch.gather+expand"), ("gather", "fastjepa torch"),
+            ("ema", "reference loop"), ("ema", "torch._foreach_lerp_")} <= providers
+    for r in saved:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"] and r["bytes"] > 0
+        assert r["gb_s"] == round(r["bytes"] / r["median_ms"] / 1e6, 1)
+        assert r["quick"] is True and r["command"].startswith("python benchmarks/bench_kernels.py --quick")
+    assert {r["mode"] for r in saved if r["op"] == "gather"} == {"fwd", "bwd", "fwd+bwd"}
+
+
+def test_a_wrong_provider_is_caught_before_it_is_timed(tmp_path, monkeypatch):
+    module = load_script()
+    monkeypatch.setattr(module, "gather_expand", lambda x, idx: module.reference_apply_masks(x, idx) * 1.001)
+    try:
+        module.main(["--quick", "--ops", "gather", "--results", str(tmp_path / "rows.jsonl")])
+    except AssertionError as e:
+        assert "torch.gather+expand disagrees" in str(e)
+    else:
+        raise AssertionError("a wrong gather was benchmarked")
+    assert not (tmp_path / "rows.jsonl").exists()
