@@ -23,6 +23,7 @@ from fastjepa.data import ImageDataset, SeededSampler, collate_images, make_tran
 from fastjepa.data.normalize import normalize
 from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import stack_masks
+from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.utils.tensors import repeat_interleave_batch
@@ -62,18 +63,27 @@ def train_step(
     masks_enc: Sequence[torch.Tensor],
     masks_pred: Sequence[torch.Tensor],
     use_bfloat16: bool = False,
+    target_shadow: Bf16Shadow | None = None,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
-    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA."""
+    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. With a
+    ``target_shadow`` (bf16 autocast only) the target forward runs on the shadow, and the
+    EMA refreshes it: the same values, without autocast's per-forward weight casts."""
+    if target_shadow is not None and not use_bfloat16:
+        raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
     with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
-        loss = jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc, masks_pred)
+        target_forward = target_shadow.module if target_shadow is not None else target_encoder
+        loss = jepa_loss(encoder, predictor, target_forward, imgs, masks_enc, masks_pred)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     momentum = next(momentum_scheduler)
-    ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
+    if target_shadow is not None:
+        target_shadow.update_(momentum)
+    else:
+        ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
     return StepResult(loss.detach(), lr, wd, momentum)
 
 
@@ -207,6 +217,9 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 lr_scheduler.step(), wd_scheduler.step(), next(momentum_scheduler)
         print(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_itr} of {ipe}")
 
+    # bf16 copies of the target's matmul weights for its forwards, refreshed by the EMA
+    target_shadow = Bf16Shadow(target_encoder, encoder) if meta["use_bfloat16"] else None
+
     with open(folder / "params-ijepa.yaml", "w") as f:
         yaml.dump(config, f)
     log = CSVLog(folder / f"{tag}_r0.csv")
@@ -257,7 +270,7 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 masks_enc, masks_pred = sampler.sample(len(images), generator=generator, device=device)
                 images = normalize(images.to(device, non_blocking=True))
                 result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
-                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"])
+                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow)
                 loss = result.loss.item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {itr} (global step {step}); "

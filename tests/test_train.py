@@ -43,11 +43,13 @@ def test_output_folder_holds_config_log_and_reference_checkpoint(tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["fastjepa"]["itr"] == 1  # stopped one step into epoch 2
 
 
-@pytest.mark.parametrize("first", [2, 3])  # inside an epoch and at an epoch boundary
-def test_resume_continues_exactly(tmp_path, first):
-    straight = fit(out=tmp_path / "straight", max_steps=6, **SMALL)
-    fit(out=tmp_path / "split", max_steps=first, **SMALL)
-    resumed = fit(out=tmp_path / "split", max_steps=6 - first, resume="latest", **SMALL)
+@pytest.mark.parametrize("first, bf16", [(2, False), (3, False), (2, True)], ids=["in-epoch", "epoch-boundary", "bf16-shadow"])
+def test_resume_continues_exactly(tmp_path, first, bf16):
+    """bf16: autocast with the target's bf16 shadow, which is not saved but rebuilt from the target."""
+    small = dict(SMALL, use_bfloat16=bf16)
+    straight = fit(out=tmp_path / "straight", max_steps=6, **small)
+    fit(out=tmp_path / "split", max_steps=first, **small)
+    resumed = fit(out=tmp_path / "split", max_steps=6 - first, resume="latest", **small)
     assert resumed.steps == 6 - first
     strip_time = lambda rows: [r[:5] + r[6:9] for r in rows]  # the time and throughput columns differ
     assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))

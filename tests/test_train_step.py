@@ -223,3 +223,35 @@ def test_bf16_autocast_steps_run_in_fp32_loss_and_learn_a_fixed_batch():
                          imgs, masks_enc, masks_pred, use_bfloat16=True).loss for _ in range(8)]
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bf16_target_shadow_gives_the_same_steps_as_autocast_casting_the_fp32_target():
+    """The shadow only saves autocast's weight casts: losses and every weight (fp32 target
+    included) equal the plain bf16-autocast run bit for bit, and the shadow holds the
+    target rounded to bf16 after each step."""
+    from fastjepa.models.shadow import Bf16Shadow
+
+    runs = []
+    for with_shadow in (False, True):
+        torch.manual_seed(0)
+        encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
+        target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
+                                                    warmup=0, num_epochs=1, wd=0.04, final_wd=0.04, ipe_scale=1.0)
+        momentum_sched = MomentumSchedule(0.9, 1.0, 100)
+        shadow = Bf16Shadow(target_encoder, encoder) if with_shadow else None
+        masks_enc, masks_pred = CASES["B3"]
+        imgs = torch.randn(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
+        losses = [train_step(encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
+                             imgs, masks_enc, masks_pred, use_bfloat16=True, target_shadow=shadow).loss for _ in range(3)]
+        runs.append((losses, target_encoder.state_dict(), shadow))
+    (plain_losses, plain_target, _), (shadow_losses, shadow_target, shadow) = runs
+    assert torch.equal(torch.stack(plain_losses), torch.stack(shadow_losses))
+    for name, value in plain_target.items():
+        assert torch.equal(value, shadow_target[name]), name
+    shadow_params = dict(shadow.module.named_parameters())
+    bf16 = [n for n, p in shadow_params.items() if p.dtype == torch.bfloat16]
+    assert "patch_embed.proj.weight" in bf16 and "blocks.0.attn.qkv.weight" in bf16 and "norm.weight" not in bf16
+    for name in bf16:
+        assert torch.equal(shadow_params[name], shadow_target[name].to(torch.bfloat16)), name
+    assert shadow_params["norm.weight"].data_ptr() == shadow_target["norm.weight"].data_ptr()  # shared, not copied
