@@ -2,8 +2,12 @@
 ``fastjepa``) with a fake implementation and autograd, run by the backend that
 ``fastjepa.ops.backend`` selects (``torch`` reference, ``triton``, ``cuda``)."""
 
+from fastjepa.ops.attention import shared_context_attention, varlen_attention
 from fastjepa.ops.backend import BACKENDS, BackendError, forced_backend, use_backend
 from fastjepa.ops.ema import ema_update_
 from fastjepa.ops.gather import gather_tokens, pos_tokens
 
-__all__ = ["BACKENDS", "BackendError", "ema_update_", "forced_backend", "gather_tokens", "pos_tokens", "use_backend"]
+__all__ = [
+    "BACKENDS", "BackendError", "ema_update_", "forced_backend", "gather_tokens", "pos_tokens", "shared_context_attention",
+    "use_backend", "varlen_attention",
+]
