@@ -119,21 +119,21 @@ def _problems(q: Tensor) -> dict:
     return {"torch": lambda: None, "triton": triton_problem}
 
 
-def _forward(q, k, v, q_table, max_len, scale, forced=None):
-    backend = select("attention", q.device, _problems(q), forced=forced)
+def _forward(q, k, v, q_table, max_len, scale, two_ranges):
+    backend = select("attention", q.device, _problems(q))
     if backend == "triton":
         from fastjepa.kernels.attention import attention_fwd
 
-        return attention_fwd(q, k, v, q_table, max_len, scale)
+        return attention_fwd(q, k, v, q_table, max_len, scale, two_ranges)
     return _reference_forward(q, k, v, q_table, scale)
 
 
-def _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, forced):
+def _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, two_ranges, forced):
     backend = select("attention", q.device, _problems(q), forced=forced or None)
     if backend == "triton":
         from fastjepa.kernels.attention import attention_bwd
 
-        return attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale)
+        return attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, two_ranges)
     return _reference_backward(grad_out, q, k, v, q_table, scale)
 
 
@@ -144,7 +144,7 @@ def _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, fo
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     q_table, _ = varlen_tables(cu_seqlens)
-    return _forward(q, k, v, q_table, max_seqlen, scale)
+    return _forward(q, k, v, q_table, max_seqlen, scale, two_ranges=False)
 
 
 @torch.library.custom_op("fastjepa::varlen_attention_backward", mutates_args=())
@@ -152,14 +152,14 @@ def _varlen_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, forced_backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     q_table, kv_table = varlen_tables(cu_seqlens)
-    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, forced_backend)
+    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, False, forced_backend)
 
 
 @torch.library.custom_op("fastjepa::shared_context_attention", mutates_args=())
 def _shared_context_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seqlen: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_offsets(offsets, q.shape[0], max_seqlen)
     q_table, _ = shared_context_tables(offsets)
-    return _forward(q, k, v, q_table, max_seqlen, scale)
+    return _forward(q, k, v, q_table, max_seqlen, scale, two_ranges=True)
 
 
 @torch.library.custom_op("fastjepa::shared_context_attention_backward", mutates_args=())
@@ -167,7 +167,7 @@ def _shared_context_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets: Tensor, max_seqlen: int, scale: float, forced_backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     q_table, kv_table = shared_context_tables(offsets)
-    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, forced_backend)
+    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, True, forced_backend)
 
 
 def _fake_forward(q, k, v, index, max_seqlen, scale):

@@ -1,0 +1,216 @@
+"""Flash attention over segments of packed tokens (varlen and shared-context), forward and backward.
+
+A segment is a run of query tokens that attends to up to two key ranges of the same packed
+tensors (``fastjepa/ops/attention.py`` builds the tables):
+  q_table (S, 6) int32: q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end
+  kv_table (S', 4) int32: kv_start, kv_end, and the query range q_start, q_end that reads them
+varlen: one segment per sequence, kv0 = the sequence, kv1 empty. Shared context: the context
+(kv0 = context) and each block i (kv0 = context, kv1 = block i), so a query tile visits
+exactly its two key ranges and nothing else.
+
+Forward: online softmax in base 2 (scores scaled by scale * log2(e)), fp32 accumulation;
+the log-sum-exp is stored (natural log) for the backward, which recomputes the
+probabilities: one kernel per key tile accumulates dK and dV over the queries that read it,
+one per query tile accumulates dQ over its key ranges (no atomics). Head dims that are not
+a power of two are padded in registers only (masked loads), never in memory. Inputs may
+have any strides; outputs are contiguous (T, H, D).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _blocks(head_dim: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D) for a head dim: tiles of 64 x 64, or 64 x 32 above 64."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return 64, (64 if block_d <= 64 else 32), block_d
+
+
+@triton.jit
+def _load_rows(ptr, offs, row_ok, h, stride_t, stride_h, stride_d, offs_d, HEAD_DIM: tl.constexpr):
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(ptr + offs[:, None].to(tl.int64) * stride_t + h * stride_h + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_range(acc, m_i, l_i, q, K, V, kv_start, kv_end, h, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+               qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in tl.range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        k = _load_rows(K, offs_n, n_ok, h, stride_kt, stride_kh, stride_kd, offs_d, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, offs_n, n_ok, h, stride_vt, stride_vh, stride_vd, offs_d, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, q_table, T, H,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TWO_RANGES: tl.constexpr,
+):
+    tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = q_table + seg * 6
+    q_start = tl.load(row)
+    q_end = tl.load(row + 1)
+    if q_start + tile * BLOCK_M < q_end:
+        offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < q_end
+        q = _load_rows(Q, offs_m, m_ok, h, stride_qt, stride_qh, stride_qd, offs_d, HEAD_DIM)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, tl.load(row + 2), tl.load(row + 3), h, stride_kt, stride_kh, stride_kd,
+                                   stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
+        if TWO_RANGES:
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, tl.load(row + 4), tl.load(row + 5), h, stride_kt, stride_kh, stride_kd,
+                                       stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        o_rows = offs_m[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+        tl.store(O + o_rows, out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + h * T + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, kv_table, T, H,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = kv_table + seg * 4
+    kv_start = tl.load(row)
+    kv_end = tl.load(row + 1)
+    if kv_start + tile * BLOCK_N < kv_end:
+        offs_n = kv_start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < kv_end
+        k = _load_rows(K, offs_n, n_ok, h, stride_kt, stride_kh, stride_kd, offs_d, HEAD_DIM)
+        v = _load_rows(V, offs_n, n_ok, h, stride_vt, stride_vh, stride_vd, offs_d, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        q_start = tl.load(row + 2)
+        q_end = tl.load(row + 3)
+        for start_m in tl.range(q_start, q_end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < q_end
+            q = _load_rows(Q, offs_m, m_ok, h, stride_qt, stride_qh, stride_qd, offs_d, HEAD_DIM)
+            do = _load_rows(DO, offs_m, m_ok, h, stride_dot, stride_doh, stride_dod, offs_d, HEAD_DIM)
+            lse2 = tl.load(LSE + h * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + h * T + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk *= sm_scale
+        rows = offs_n[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+        mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tl.store(DK + rows, dk.to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, K, V, kv_start, kv_end, h, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+              qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in tl.range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        k = _load_rows(K, offs_n, n_ok, h, stride_kt, stride_kh, stride_kd, offs_d, HEAD_DIM)
+        v = _load_rows(V, offs_n, n_ok, h, stride_vt, stride_vh, stride_vd, offs_d, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, q_table, T, H,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TWO_RANGES: tl.constexpr,
+):
+    tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = q_table + seg * 6
+    q_start = tl.load(row)
+    q_end = tl.load(row + 1)
+    if q_start + tile * BLOCK_M < q_end:
+        offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < q_end
+        q = _load_rows(Q, offs_m, m_ok, h, stride_qt, stride_qh, stride_qd, offs_d, HEAD_DIM)
+        do = _load_rows(DO, offs_m, m_ok, h, stride_dot, stride_doh, stride_dod, offs_d, HEAD_DIM)
+        lse2 = tl.load(LSE + h * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + h * T + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq = _dq_range(dq, q, do, lse2, delta, K, V, tl.load(row + 2), tl.load(row + 3), h, stride_kt, stride_kh, stride_kd,
+                       stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
+        if TWO_RANGES:
+            dq = _dq_range(dq, q, do, lse2, delta, K, V, tl.load(row + 4), tl.load(row + 5), h, stride_kt, stride_kh, stride_kd,
+                           stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
+        dq *= sm_scale
+        rows = offs_m[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+        tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+def attention_fwd(q, k, v, q_table, max_len: int, scale: float, two_ranges: bool):
+    """(out (T, H, D) contiguous, lse (H, T) fp32) for the segments of ``q_table``;
+    ``two_ranges``: whether segments have a second key range (shared context) or not (varlen)."""
+    T, H, D = q.shape
+    out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
+    S = q_table.shape[0]
+    if T == 0 or S == 0 or max_len == 0:
+        out.zero_(), lse.fill_(float("-inf"))
+        return out, lse
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(D)
+    grid = (triton.cdiv(max_len, BLOCK_M), S, H)
+    _attn_fwd[grid](
+        q, k, v, out, lse, q_table.contiguous(), T, H, *q.stride(), *k.stride(), *v.stride(), scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TWO_RANGES=two_ranges,
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len: int, scale: float, two_ranges: bool):
+    """(dq, dk, dv), each (T, H, D) contiguous in q's dtype."""
+    T, H, D = q.shape
+    dq, dk, dv = (torch.empty((T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))  # every row is written:
+    # the tables cover every token (the op checks the offsets)
+    if T == 0 or max_len == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # (H, T): rowsum(dO * O)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(D)
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), scale * LOG2E, scale)
+    _bwd_dkdv[(triton.cdiv(max_len, BLOCK_N), kv_table.shape[0], H)](
+        q, k, v, grad_out, lse, delta, dk, dv, kv_table.contiguous(), T, H, *common,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+    )
+    _bwd_dq[(triton.cdiv(max_len, BLOCK_M), q_table.shape[0], H)](
+        q, k, v, grad_out, lse, delta, dq, q_table.contiguous(), T, H, *common,
+        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TWO_RANGES=two_ranges,
+    )
+    return dq, dk, dv
