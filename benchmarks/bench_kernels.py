@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: the masked-token gather and the EMA against their peers.
 
     python benchmarks/bench_kernels.py              # ViT-B/16, ViT-L/16, ViT-H/14, B=128, bf16 tokens (a GPU)
+    python benchmarks/bench_kernels.py --ops attention
     python benchmarks/bench_kernels.py --quick      # tiny shapes, a few runs: checks the script (CPU: torch
                                                     # backend and, with TRITON_INTERPRET=1, the interpreter)
 
@@ -13,6 +14,15 @@ B*K*D and writes all B*N*D gradient values (zeros included).
 ema: every fp32 parameter of the encoder (389 tensors, 630 M values for ViT-H/14).
 Peers: the reference's per-parameter ``mul_``/``add_`` loop and ``torch._foreach_lerp_``.
 Bytes: 12 per parameter (read target and online, write target), 14 with a bf16 shadow.
+
+attention: packed ragged sequences at I-JEPA shapes, forward, backward and both, in TFLOP/s
+with FlashAttention's convention (forward 4 * S^2 * H * D per sequence, backward 2.5x):
+the ViT-H/14 encoder (16 heads of 80, contexts of 40..200 of 256 patches, B=128), its
+predictor (16 heads of 24, rows [context ; 45 targets], 4 blocks), the same predictor in
+the shared-context layout, the ViT-B/16 encoder and the 448-px ViT-H/16 encoder. Peers
+(benchmarks/attention_peers.py): torch's varlen_attn, SDPA on padded batches (flash,
+efficient, cuDNN), FlexAttention with a BlockMask under torch.compile, the two-call
+log-sum-exp merge for the shared context, and flash-attn / xformers when installed.
 
 Every provider's result is first checked against the reference idiom; then times are
 medians (p20, p80) from ``triton.testing.do_bench`` on a GPU (L2 flushed before each run),
@@ -37,6 +47,7 @@ from common import RESULTS, copy_bandwidth_gbs, device_times_ms, hardware, write
 from fastjepa.models import vision_transformer as vit  # noqa: E402
 from fastjepa.ops import ema_update_, gather_tokens, use_backend  # noqa: E402
 from fastjepa.ops.backend import device_problem  # noqa: E402
+from attention_peers import PEERS, AttentionCase, Unavailable  # noqa: E402
 
 # model -> (patch size, image size)
 MODELS = {"vit_base": (16, 224), "vit_large": (16, 224), "vit_huge": (14, 224)}
@@ -158,6 +169,79 @@ def bench_ema(model, device, quick):
     return rows
 
 
+# --------------------------------------------------------------------------- attention
+
+# name -> (heads, head_dim, patches, batch, target blocks in the shared layout, target length)
+ATTENTION_CASES = {
+    "vit_huge encoder": (16, 80, 256, 128, 0, 0),
+    "vit_huge predictor": (16, 24, 256, 128, 0, 45),
+    "vit_huge shared-context predictor": (16, 24, 256, 128, 4, 45),
+    "vit_base encoder": (12, 64, 196, 128, 0, 0),
+    "vit_huge 448px encoder": (16, 80, 784, 32, 0, 0),
+}
+QUICK_ATTENTION_CASES = {"tiny encoder": (2, 24, 16, 3, 0, 0), "tiny shared-context predictor": (2, 24, 16, 3, 2, 3)}
+PREDICTOR_BLOCKS = 4
+CONTEXT_RANGE = (0.16, 0.78)  # sampled context lengths as a fraction of the patches (40..200 of 256)
+
+
+def attention_case(name, spec, dtype, device) -> AttentionCase:
+    heads, head_dim, patches, batch, blocks, target = spec
+    g = torch.Generator().manual_seed(0)
+    low, high = (round(f * patches) for f in CONTEXT_RANGE)
+    contexts = torch.randint(low, high + 1, (batch,), generator=g).tolist()
+    if blocks:  # one sequence per sample: [context | block 0 | ... ]
+        lengths = [n for c in contexts for n in [c] + [target] * blocks]
+    elif target:  # one sequence per (block, sample): [context ; block]
+        lengths = [c + target for _ in range(PREDICTOR_BLOCKS) for c in contexts]
+    else:
+        lengths = contexts
+    q, k, v = (torch.randn(sum(lengths), heads, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    return AttentionCase(name, q, k, v, lengths, blocks)
+
+
+def bench_attention(name, spec, dtype, device, quick):
+    case = attention_case(name, spec, dtype, device)
+    with use_backend("torch"):
+        expected = PEERS["fastjepa torch"](case)()
+    grad = torch.randn_like(expected)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    flops = {"fwd": case.flops(), "bwd": 2.5 * case.flops(), "fwd+bwd": 3.5 * case.flops()}
+    shape = f"{len(case.lengths)} seqs, {case.q.shape[0]} tokens, {case.q.shape[1]}x{case.q.shape[2]}"
+    rows = []
+    for provider, make in PEERS.items():
+        if provider == "fastjepa torch" and not quick:
+            continue  # a per-sequence Python loop: the correctness oracle here, not a contender
+        try:
+            if provider.startswith("fastjepa"):
+                problem = device_problem(provider.split()[1], device)
+                if problem:
+                    raise Unavailable(problem)
+            run = make(case)
+        except Unavailable as e:
+            print(f"  {name}: {provider} skipped: {e}")
+            continue
+        leaves = getattr(run, "leaves", (case.q, case.k, case.v))
+        out = run()
+        if not getattr(run, "padded", False):
+            torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol,
+                                       msg=lambda m: f"attention: {provider} disagrees with the reference on {name}: {m}")
+        g = grad if not getattr(run, "padded", False) else torch.randn_like(out)
+        modes = {
+            "fwd": run,
+            "bwd": lambda: torch.autograd.grad(out, leaves, g, retain_graph=True),
+            "fwd+bwd": lambda: torch.autograd.grad(run(), leaves, g),
+        }
+        for mode, fn in modes.items():
+            try:
+                times = timed(fn, device, quick)
+            except RuntimeError as e:
+                print(f"  {name}: {provider} {mode} failed: {str(e).splitlines()[0]}")
+                continue
+            rows.append({"op": "attention", "mode": mode, "model": name, "provider": provider, "shape": shape,
+                         "dtype": str(dtype).replace("torch.", ""), "flops": flops[mode], **times})
+    return rows
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -166,15 +250,22 @@ def timed(run, device, quick):
     return {k: round(v, 5) for k, v in times.items()}
 
 
+REFERENCE_PROVIDERS = {"gather": "reference apply_masks", "ema": "reference loop", "attention": "varlen_attn"}
+
+
 def print_table(rows):
-    header = f"{'op':<7}{'mode':<9}{'model':<10}{'provider':<30}{'median ms':>11}{'p20':>9}{'p80':>9}{'GB/s':>9}{'% copy':>8}{'vs ref':>8}"
+    header = (f"{'op':<10}{'mode':<9}{'case':<34}{'provider':<30}{'median ms':>11}{'p20':>9}{'p80':>9}"
+              f"{'rate':>16}{'% copy':>8}{'vs ref':>8}")
     print(header)
     print("-" * len(header))
-    reference = {(r["op"], r["mode"], r["model"]): r["median_ms"] for r in rows if r["provider"] in ("reference apply_masks", "reference loop")}
+    reference = {(r["op"], r["mode"], r["model"]): r["median_ms"] for r in rows if r["provider"] == REFERENCE_PROVIDERS[r["op"]]}
     for r in rows:
-        speedup = reference[(r["op"], r["mode"], r["model"])] / r["median_ms"]
-        print(f"{r['op']:<7}{r['mode']:<9}{r['model']:<10}{r['provider']:<30}{r['median_ms']:>11.4f}{r['p20_ms']:>9.4f}"
-              f"{r['p80_ms']:>9.4f}{r['gb_s']:>9.0f}{r['pct_copy']:>8.1f}{speedup:>7.2f}x")
+        ref = reference.get((r["op"], r["mode"], r["model"]))
+        speedup = f"{ref / r['median_ms']:7.2f}x" if ref else ""
+        rate = f"{r['tflop_s']:.1f} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.0f} GB/s"
+        pct = f"{r['pct_copy']:8.1f}" if "pct_copy" in r else " " * 8
+        print(f"{r['op']:<10}{r['mode']:<9}{r['model']:<34}{r['provider']:<30}{r['median_ms']:>11.4f}{r['p20_ms']:>9.4f}"
+              f"{r['p80_ms']:>9.4f}{rate:>16}{pct}{speedup:>8}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -183,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 runs: checks the script, measures nothing")
     parser.add_argument("--batch-size", type=int, default=None, help="gather batch size (default 128, --quick 4)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="token dtype for the gather (default bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--ops", default="gather,ema", help="comma-separated: gather, ema")
+    parser.add_argument("--ops", default="gather,ema,attention", help="comma-separated: gather, ema, attention")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_kernels.jsonl", help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,8 +282,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     B = args.batch_size or (4 if args.quick else 128)
     models = list(QUICK_MODELS if args.quick else MODELS)
     ops = set(args.ops.split(","))
-    if not ops <= {"gather", "ema"}:
-        parser.error(f"--ops takes gather and/or ema, got {args.ops}")
+    if not ops <= {"gather", "ema", "attention"}:
+        parser.error(f"--ops takes gather, ema and/or attention, got {args.ops}")
 
     copy_gbs = copy_bandwidth_gbs(device, nbytes=(1 << 22) if args.quick else (1 << 30))
     print(f"{hardware(device)}: device-to-device copy {copy_gbs:.0f} GB/s (bytes read + written)")
@@ -202,9 +293,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_gather(model, B, dtype, device, args.quick)
         if "ema" in ops:
             rows += bench_ema(model, device, args.quick)
+    if "attention" in ops:
+        attention_dtype = dtype if dtype != torch.float32 or device.type == "cpu" else torch.bfloat16
+        for name, spec in (QUICK_ATTENTION_CASES if args.quick else ATTENTION_CASES).items():
+            rows += bench_attention(name, spec, attention_dtype, device, args.quick)
     for r in rows:
-        r["gb_s"] = round(r["bytes"] / r["median_ms"] / 1e6, 1)
-        r["pct_copy"] = round(100 * r["gb_s"] / copy_gbs, 1)
+        if "bytes" in r:
+            r["gb_s"] = round(r["bytes"] / r["median_ms"] / 1e6, 1)
+            r["pct_copy"] = round(100 * r["gb_s"] / copy_gbs, 1)
+        else:
+            r["tflop_s"] = round(r["flops"] / r["median_ms"] / 1e9, 2)
         r.update(bench="bench_kernels", quick=args.quick, device=device.type, hardware=hardware(device),
                  copy_gb_s=round(copy_gbs, 1), triton=_triton_version())
     print_table(rows)

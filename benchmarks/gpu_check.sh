@@ -4,7 +4,7 @@
 # copy-bandwidth and bf16-matmul ceilings, run the GPU tests and the kernel benchmarks, and
 # write everything to one dated results file plus a markdown table:
 #
-#     benchmarks/gpu_check.sh        # from anywhere; about 5 minutes on an H200
+#     benchmarks/gpu_check.sh        # from anywhere; 5 to 8 minutes on an H200
 #
 #     benchmarks/results/<date>-<gpu>.jsonl   result rows (ceilings, kernels, test summary)
 #     benchmarks/results/<date>-<gpu>.md      the same as tables
@@ -47,8 +47,8 @@ print('python', platform.python_version(), '| torch', torch.__version__, '| cuda
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 stage ceilings 90 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
-stage gpu-tests 240 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
-    tests/test_gather.py tests/test_ema.py tests/test_ops_backend.py tests/test_multiblock.py \
+stage gpu-tests 200 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
+    tests/test_gather.py tests/test_ema.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
     tests/test_vision_transformer.py tests/test_train_step.py tests/test_train.py
 stage tests-summary 30 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
 import json, sys, datetime, xml.etree.ElementTree as ET
@@ -59,7 +59,8 @@ row = {"bench": "gpu_tests", **{k: int(suite.get(k, 0)) for k in ("tests", "fail
 open(sys.argv[2], "a").write(json.dumps(row) + "\n")
 print(row)
 PY
-stage kernels 240 $PYTHON benchmarks/bench_kernels.py --results "$RESULTS"
+stage kernels 120 $PYTHON benchmarks/bench_kernels.py --ops gather,ema --results "$RESULTS"
+stage attention 240 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
 stage report 30 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
 rm -f "$BASE-tests.xml"
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-REFERENCES = {"gather": "reference apply_masks", "ema": "reference loop"}
+REFERENCES = {"gather": "reference apply_masks", "ema": "reference loop", "attention": "varlen_attn"}
 
 
 def read_rows(paths) -> list[dict]:
@@ -40,13 +40,15 @@ def kernels_table(rows) -> list[str]:
     if not kernel_rows:
         return []
     reference = {(r["date"], r["op"], r["mode"], r["model"]): r["median_ms"] for r in kernel_rows if r["provider"] == REFERENCES[r["op"]]}
-    lines = ["| op | mode | model | shape | provider | median ms (p20-p80) | GB/s | % copy | vs reference |",
+    lines = ["| op | mode | case | shape | provider | median ms (p20-p80) | rate | % copy | vs reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in kernel_rows:
         ref = reference.get((r["date"], r["op"], r["mode"], r["model"]))
         speedup = f"{ref / r['median_ms']:.2f}x" if ref else ""
+        rate = f"{r['tflop_s']:.1f} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.0f} GB/s"
+        pct = f"{r['pct_copy']:.1f}" if "pct_copy" in r else ""
         lines.append(f"| {r['op']} | {r['mode']} | {r['model']} | {r['shape']} {r['dtype']} | {r['provider']} | "
-                     f"{r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) | {r['gb_s']:.0f} | {r['pct_copy']:.1f} | {speedup} |")
+                     f"{r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) | {rate} | {pct} | {speedup} |")
     first = kernel_rows[0]
     lines.append("")
     lines.append(f"{first['hardware']}, torch {first['torch']}, triton {first.get('triton')}, {first['date']}: `{first['command']}`")

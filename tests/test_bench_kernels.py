@@ -18,7 +18,7 @@ def load_script():
 def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):
     module = load_script()
     results = tmp_path / "rows.jsonl"
-    rows = module.main(["--quick", "--results", str(results)])
+    rows = module.main(["--quick", "--ops", "gather,ema", "--results", str(results)])
     saved = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(saved) == len(rows) > 0
     providers = {(r["op"], r["provider"]) for r in saved}
@@ -41,3 +41,24 @@ def test_a_wrong_provider_is_caught_before_it_is_timed(tmp_path, monkeypatch):
     else:
         raise AssertionError("a wrong gather was benchmarked")
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_quick_attention_rows_check_against_the_reference_and_count_flops(tmp_path):
+    module = load_script()
+    results = tmp_path / "rows.jsonl"
+    module.main(["--quick", "--ops", "attention", "--results", str(results)])
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["model"] for r in saved} == set(module.QUICK_ATTENTION_CASES)
+    assert {r["mode"] for r in saved} == {"fwd", "bwd", "fwd+bwd"} and "fastjepa torch" in {r["provider"] for r in saved}
+    for r in saved:
+        assert r["flops"] > 0 and r["tflop_s"] == round(r["flops"] / r["median_ms"] / 1e9, 2)
+
+
+def test_attention_flop_count_follows_the_flashattention_convention():
+    module = load_script()
+    import torch
+
+    case = module.AttentionCase("c", torch.zeros(10, 2, 8), None, None, [3, 7], 0)
+    assert case.flops() == 4 * (3 * 3 + 7 * 7) * 2 * 8
+    shared = module.AttentionCase("s", torch.zeros(10, 2, 8), None, None, [4, 3, 3], 2)  # context 4, blocks 3 and 3
+    assert shared.flops() == 4 * 2 * 8 * (4 * 4 + 3 * (4 + 3) + 3 * (4 + 3))

@@ -33,7 +33,7 @@ def test_ceilings_and_kernel_rows_become_markdown_tables(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     text = load("report").main([str(results)])
     assert "| hardware | copy GB/s | matmul TFLOP/s |" in text
-    assert "| gather | fwd | vit_huge | B=128 N=256 K=92 D=1280 bfloat16 | fastjepa triton | 0.0200 (0.0190-0.0210) | 3000 | 70.0 | 5.00x |" in text
+    assert "| gather | fwd | vit_huge | B=128 N=256 K=92 D=1280 bfloat16 | fastjepa triton | 0.0200 (0.0190-0.0210) | 3000 GB/s | 70.0 | 5.00x |" in text
 
 
 def test_report_names_a_corrupt_row(tmp_path):
