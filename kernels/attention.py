@@ -23,10 +23,22 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-def _blocks(head_dim: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D) for a head dim: tiles of 64 x 64, or 64 x 32 above 64."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    return 64, (64 if block_d <= 64 else 32), block_d
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tile_configs():
+    """Tile sizes tried by the autotuner on a GPU; one fixed config in the interpreter, which
+    cannot autotune (it has no GPU to time on)."""
+    if triton.knobs.runtime.interpret:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
+    ]
+
+
+_autotune = triton.autotune(configs=_tile_configs(), key=["HEAD_DIM", "H"])
 
 
 @triton.jit
@@ -54,6 +66,7 @@ def _fwd_range(acc, m_i, l_i, q, K, V, kv_start, kv_end, h, stride_kt, stride_kh
     return acc, m_i, l_i
 
 
+@_autotune
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, q_table, T, H,
@@ -86,6 +99,7 @@ def _attn_fwd(
         tl.store(LSE + h * T + offs_m, lse, mask=m_ok)
 
 
+@_autotune
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, kv_table, T, H,
@@ -145,6 +159,7 @@ def _dq_range(dq, q, do, lse2, delta, K, V, kv_start, kv_end, h, stride_kt, stri
     return dq
 
 
+@_autotune
 @triton.jit
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, q_table, T, H,
@@ -184,33 +199,32 @@ def attention_fwd(q, k, v, q_table, max_len: int, scale: float, two_ranges: bool
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
     S = q_table.shape[0]
     if T == 0 or S == 0 or max_len == 0:
-        out.zero_(), lse.fill_(float("-inf"))
-        return out, lse
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(D)
-    grid = (triton.cdiv(max_len, BLOCK_M), S, H)
+        return out.zero_(), lse.fill_(float("-inf"))
+
+    def grid(meta):
+        return (triton.cdiv(max_len, meta["BLOCK_M"]), S, H)
+
     _attn_fwd[grid](
         q, k, v, out, lse, q_table.contiguous(), T, H, *q.stride(), *k.stride(), *v.stride(), scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TWO_RANGES=two_ranges,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), TWO_RANGES=two_ranges,
     )
     return out, lse
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len: int, scale: float, two_ranges: bool):
-    """(dq, dk, dv), each (T, H, D) contiguous in q's dtype."""
+    """(dq, dk, dv), each (T, H, D) contiguous in q's dtype. Every row is written: the tables
+    cover every token (the op checks the offsets)."""
     T, H, D = q.shape
-    dq, dk, dv = (torch.empty((T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))  # every row is written:
-    # the tables cover every token (the op checks the offsets)
+    dq, dk, dv = (torch.empty((T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
     if T == 0 or max_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # (H, T): rowsum(dO * O)
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(D)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), scale * LOG2E, scale)
-    _bwd_dkdv[(triton.cdiv(max_len, BLOCK_N), kv_table.shape[0], H)](
-        q, k, v, grad_out, lse, delta, dk, dv, kv_table.contiguous(), T, H, *common,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+    S_kv, S_q = kv_table.shape[0], q_table.shape[0]
+    _bwd_dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), S_kv, H)](
+        q, k, v, grad_out, lse, delta, dk, dv, kv_table.contiguous(), T, H, *common, HEAD_DIM=D, BLOCK_D=_block_d(D),
     )
-    _bwd_dq[(triton.cdiv(max_len, BLOCK_M), q_table.shape[0], H)](
-        q, k, v, grad_out, lse, delta, dq, q_table.contiguous(), T, H, *common,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TWO_RANGES=two_ranges,
+    _bwd_dq[lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), S_q, H)](
+        q, k, v, grad_out, lse, delta, dq, q_table.contiguous(), T, H, *common, HEAD_DIM=D, BLOCK_D=_block_d(D), TWO_RANGES=two_ranges,
     )
     return dq, dk, dv
