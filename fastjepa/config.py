@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_pred_masks": Key("int", 4, _positive, ">= 1"),
         "patch_size": Key("int", 14, _positive, ">= 1"),
         "pred_mask_scale": Key("pair", [0.15, 0.2], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),
+        "ragged": Key("bool", False),  # keep every sampled context token (no truncation to the batch minimum)
     },
     "meta": {
         "copy_data": Key("bool", False, lambda v: v is False, "false (copying ImageNet to node-local scratch is not supported)"),
@@ -83,6 +84,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pred_depth": Key("int", 12, _positive, ">= 1"),
         "pred_emb_dim": Key("int", 384, _positive, ">= 1"),
         "read_checkpoint": Key("path", None, None, optional=True),
+        "shared_context_predictor": Key("bool", False),  # one predictor sequence per sample: changes the model
         "use_bfloat16": Key("bool", True),
     },
     "optimization": {

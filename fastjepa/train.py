@@ -22,7 +22,7 @@ from fastjepa.config import ConfigError, find_key, mask_sampler, tiny_preset, va
 from fastjepa.data import ImageDataset, SeededSampler, collate_images, make_transforms
 from fastjepa.data.normalize import normalize
 from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
-from fastjepa.masks.utils import stack_masks
+from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
 from fastjepa.utils.schedulers import momentum_schedule
@@ -37,16 +37,24 @@ class StepResult:
     momentum: float
 
 
-def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor],
+              shared_context_predictor: bool = False) -> torch.Tensor:
     """Smooth-L1 (beta 1, mean) between the predictor's output and the target
-    encoder's output after a LayerNorm without affine (eps 1e-5), at the target blocks."""
+    encoder's output after a LayerNorm without affine (eps 1e-5), at the target blocks.
+
+    ``masks_enc`` may be ``PackedMasks`` (``mask.ragged``: every context token kept, the
+    encoder and predictor run on packed tokens); ``shared_context_predictor`` runs the
+    predictor's shared-context layout (``meta.shared_context_predictor``). The target
+    masks and the loss are the same in every mode."""
+    masks_enc = _as_list(masks_enc)
     with torch.no_grad():
         h = target_encoder(imgs)
         h = F.layer_norm(h, (h.size(-1),))
         B = len(imgs)
         target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=len(masks_enc))
         h = gather_tokens(h, target_index.to(h.device))
-    z = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred)
+    extra = {"shared_context": True} if shared_context_predictor else {}  # a reference predictor takes no such keyword
+    z = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred, **extra)
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
     return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
 
@@ -64,18 +72,20 @@ def train_step(
     masks_pred: Sequence[torch.Tensor],
     use_bfloat16: bool = False,
     target_shadow: Bf16Shadow | None = None,
+    shared_context_predictor: bool = False,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
     autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. With a
     ``target_shadow`` (bf16 autocast only) the target forward runs on the shadow, and the
-    EMA refreshes it: the same values, without autocast's per-forward weight casts."""
+    EMA refreshes it: the same values, without autocast's per-forward weight casts.
+    ``masks_enc`` and ``shared_context_predictor``: see ``jepa_loss``."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
     with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
         target_forward = target_shadow.module if target_shadow is not None else target_encoder
-        loss = jepa_loss(encoder, predictor, target_forward, imgs, masks_enc, masks_pred)
+        loss = jepa_loss(encoder, predictor, target_forward, imgs, masks_enc, masks_pred, shared_context_predictor)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -101,6 +111,15 @@ class TrainResult:
     latest_checkpoint: Path | None
     images_per_second: float
     skipped_images: int  # unreadable files met while training
+
+
+def context_length(mask: torch.Tensor | PackedMasks) -> int:
+    """The CSV's mask-A: the context length K of a dense (B, K) mask; with ``mask.ragged``,
+    the mean context length over the batch, rounded to an int (``fastjepa plot`` reads
+    mask-A as an integer). Host numbers only: no device sync."""
+    if isinstance(mask, PackedMasks):
+        return round(sum(mask.lengths) / mask.rows)
+    return mask.shape[1]
 
 
 def default_device() -> torch.device:
@@ -267,10 +286,11 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 if len(images) == 0:
                     continue
                 generator = torch.Generator().manual_seed((seed << 32) + step)
-                masks_enc, masks_pred = sampler.sample(len(images), generator=generator, device=device)
+                masks_enc, masks_pred = sampler.sample(len(images), generator=generator, device=device, ragged=mask["ragged"])
                 images = normalize(images.to(device, non_blocking=True))
                 result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
-                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow)
+                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow,
+                                    meta["shared_context_predictor"])
                 loss = result.loss.item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {itr} (global step {step}); "
@@ -278,7 +298,7 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 now = time.perf_counter()
                 step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
                 tick = now
-                log.row(epoch + 1, itr, f"{loss:.5f}", masks_enc[0].shape[1], masks_pred[0].shape[1], f"{step_ms:.1f}",
+                log.row(epoch + 1, itr, f"{loss:.5f}", context_length(masks_enc[0]), masks_pred[0].shape[1], f"{step_ms:.1f}",
                         f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}")
                 if board is not None:
                     for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput)):

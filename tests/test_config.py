@@ -17,6 +17,7 @@ def test_published_configs_validate_unchanged(path):
         for key, value in keys.items():
             assert checked[section][key] == value, f"{section}.{key}"
     assert checked["mask"]["fix_position_range"] is False  # fastjepa's extra keys take their defaults
+    assert checked["mask"]["ragged"] is False and checked["meta"]["shared_context_predictor"] is False
 
 
 def test_four_published_configs_are_present():
@@ -31,9 +32,11 @@ def test_missing_keys_take_defaults_and_the_preset_is_valid():
 
 def test_overrides_parse_yaml_values():
     config = {}
-    for assignment in ("data.batch_size=64", "mask.enc_mask_scale=[0.8, 1.0]", "meta.use_bfloat16=false", "meta.read_checkpoint=null"):
+    for assignment in ("data.batch_size=64", "mask.enc_mask_scale=[0.8, 1.0]", "meta.use_bfloat16=false", "meta.read_checkpoint=null",
+                       "mask.ragged=true", "meta.shared_context_predictor=true"):
         apply_override(config, assignment)
     checked = validate(config)
+    assert checked["mask"]["ragged"] is True and checked["meta"]["shared_context_predictor"] is True
     assert checked["data"]["batch_size"] == 64 and checked["mask"]["enc_mask_scale"] == [0.8, 1.0]
     assert checked["meta"]["use_bfloat16"] is False and checked["meta"]["read_checkpoint"] is None
 
@@ -58,6 +61,8 @@ def test_overrides_parse_yaml_values():
         ({"mask": {"pred_mask_scale": [0.0, 0.2]}}, "mask.pred_mask_scale must be [min, max] with 0 < min"),
         ({"logging": {"write_tag": "a/b"}}, "logging.write_tag must be a non-empty name"),
         ({"data": {"root_path": None}}, "data.root_path must not be empty"),
+        ({"mask": {"ragged": "yes"}}, "mask.ragged must be true or false, got 'yes'"),
+        ({"meta": {"shared_context_predictor": 1}}, "meta.shared_context_predictor must be true or false, got 1"),
     ],
 )
 def test_bad_configs_name_the_key(config, message):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fastjepa.helper import init_model, init_opt
+from fastjepa.masks import PackedMasks
 from fastjepa.train import train_step
 from fastjepa.utils.schedulers import MomentumSchedule
 
@@ -155,8 +156,11 @@ def fp64_models():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_train_step_matches_handwritten_fp64_reference(case, fp64_models):
+def test_train_step_matches_handwritten_fp64_reference(case, packed, fp64_models):
+    """packed: the contexts as PackedMasks of equal lengths (the mask.ragged path: packed
+    tokens, varlen attention) against the same dense reference."""
     masks_enc, masks_pred = CASES[case]
     B = masks_enc[0].shape[0]
     encoder, predictor = (copy.deepcopy(m) for m in fp64_models)
@@ -187,8 +191,9 @@ def test_train_step_matches_handwritten_fp64_reference(case, fp64_models):
     moved = {(which, n) for which, n, _ in trainable}
 
     # ---- the implementation under test
+    step_masks = [PackedMasks.from_dense(m) for m in masks_enc] if packed else masks_enc
     result = train_step(encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
-                        imgs, masks_enc, masks_pred)
+                        imgs, step_masks, masks_pred)
 
     assert result.lr == pytest.approx(lr, rel=1e-15) and result.wd == pytest.approx(wd, rel=1e-15)
     assert result.momentum == pytest.approx(mom, rel=1e-15)

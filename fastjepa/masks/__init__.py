@@ -1,4 +1,4 @@
 from fastjepa.masks.multiblock import MaskCollator, MultiBlockMaskSampler
-from fastjepa.masks.utils import apply_masks
+from fastjepa.masks.utils import PackedMasks, apply_masks
 
-__all__ = ["MaskCollator", "MultiBlockMaskSampler", "apply_masks"]
+__all__ = ["MaskCollator", "MultiBlockMaskSampler", "PackedMasks", "apply_masks"]

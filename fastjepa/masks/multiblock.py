@@ -12,7 +12,9 @@ The distribution is the reference collator's (facebookresearch/ijepa,
   target block of its sample (unless ``allow_overlap``), redrawn while it keeps no
   more than ``min_keep`` patches; after 20 failed draws the last remaining target
   stops constraining it (the reference's retry-and-relax rule);
-* every mask is truncated to the batch minimum, keeping its lowest indices.
+* every mask is truncated to the batch minimum, keeping its lowest indices
+  (``sample(..., ragged=True)``, fastjepa's ``mask.ragged``, keeps every sampled
+  context token instead: the contexts come back packed, as ``PackedMasks``).
 
 The RNG stream differs from the reference's (which mixes a seeded generator with
 the global RNG); the distribution is the same.
@@ -34,6 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import default_collate
+
+from fastjepa.masks.utils import PackedMasks
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +177,15 @@ class MultiBlockMaskSampler:
             draws += 1
         return context.reshape(slots, -1), counts
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None):
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None, ragged: bool = False):
         """Masks for one batch: ``(masks_enc, masks_pred)``, lists of (batch_size, K) int64
         tensors on ``device`` (default CPU). ``generator`` is a CPU torch.Generator
-        (default: the global one); a given seed gives the same masks on every device."""
+        (default: the global one); a given seed gives the same masks on every device.
+
+        ``ragged=True`` keeps every sampled context token: ``masks_enc`` is then a list of
+        ``nenc`` ``PackedMasks`` (batch_size rows each, ascending indices, lengths known on
+        the host), the same draws as ``ragged=False`` before its truncation to the batch
+        minimum. The target masks are the same dense, truncated tensors either way."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if generator is not None and generator.device.type != "cpu":
@@ -192,12 +201,35 @@ class MultiBlockMaskSampler:
         masks_pred = (top * W + left).T[..., None] + (cells // w) * W + cells % w  # (M, B, h * w)
         target_rows, target_cols = self._spans(top, h, self.height), self._spans(left, w, W)
         context, counts = self._sample_context(target_rows, target_cols, B, e_size, generator)
+        if ragged:
+            return self._ragged(masks_pred, context, counts, B, device)
         masks_enc = _first_indices(context, counts, int(counts.min()))  # (nenc * B, k)
 
         k = masks_enc.shape[1]
         packed = _to_device(torch.from_numpy(np.concatenate([masks_pred.ravel(), masks_enc.ravel()])), device)
         masks_pred, masks_enc = packed.split([M * B * h * w, self.nenc * B * k])
         return list(masks_enc.view(self.nenc, B, k).unbind(0)), list(masks_pred.view(M, B, h * w).unbind(0))
+
+    def _ragged(self, masks_pred: np.ndarray, context: np.ndarray, counts: np.ndarray, B: int, device):
+        """``sample(..., ragged=True)``'s result: the targets (M, B, K) and every context
+        token, with the contexts' offsets, reach the device in one copy (int64; the offsets
+        become int32 there, a device op)."""
+        M, K = masks_pred.shape[0], masks_pred.shape[2]
+        R, N = context.shape  # R = nenc * B rasters of N patches
+        rows = np.repeat(np.arange(R), counts)
+        index = np.flatnonzero(context) - rows * N  # ascending within each row, rows in order
+        counts = counts.reshape(self.nenc, B)
+        cu = np.zeros((self.nenc, B + 1), dtype=np.int64)
+        cu[:, 1:] = np.cumsum(counts, axis=1)
+        packed = _to_device(torch.from_numpy(np.concatenate([masks_pred.ravel(), index, cu.ravel()])), device)
+        targets, index, cu = packed.split([M * B * K, index.size, cu.size])
+        cu = cu.to(torch.int32).view(self.nenc, B + 1)
+        masks_enc, start = [], 0
+        for e in range(self.nenc):
+            lengths = tuple(counts[e].tolist())
+            masks_enc.append(PackedMasks(index[start : start + sum(lengths)], cu[e], max(lengths), lengths))
+            start += sum(lengths)
+        return masks_enc, list(targets.view(M, B, K).unbind(0))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -3,12 +3,19 @@
 Module names, constructor arguments, forward signatures, parameter order and
 state_dict keys follow the reference trainer (facebookresearch/ijepa) so that its
 checkpoints load unchanged. Written from the paper and the documented behaviour;
-attention goes through ``F.scaled_dot_product_attention``.
+attention goes through ``F.scaled_dot_product_attention`` for dense (B, N, D) tokens.
+
+Packed tokens (fastjepa's opt-in modes, see the README's "Opt-in modes"): with
+``PackedMasks`` contexts (``mask.ragged``) the encoder and the predictor run on packed
+(total_tokens, D) tokens and attend through ``fastjepa.ops.varlen_attention``; the
+predictor's ``shared_context=True`` (``meta.shared_context_predictor``) runs one sequence
+per sample through ``fastjepa.ops.shared_context_attention``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -16,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastjepa.masks.utils import _as_list, stack_masks
-from fastjepa.ops import gather_tokens, pos_tokens
+from fastjepa.masks.utils import PackedMasks, _as_list, concat_packed, is_packed, stack_masks
+from fastjepa.ops import gather_tokens, pos_tokens, shared_context_attention, varlen_attention
 from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
 
 __all__ = [
@@ -100,12 +107,28 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, offsets=None):
+        """Dense x (B, N, C): SDPA over each sample's N tokens. Packed x (T, C): sequences
+        given by int32 ``cu_seqlens`` (R + 1,) (``varlen_attention``) or by the predictor's
+        shared-context ``offsets`` (B, M + 2) (``shared_context_attention``), with
+        ``max_seqlen`` the longest sequence (or context / block) as a Python int."""
+        if cu_seqlens is None and offsets is None:
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        if x.dim() != 2:
+            raise ValueError(f"Attention: packed tokens must be (total_tokens, dim), got shape {tuple(x.shape)}")
+        if self.training and self.attn_drop.p > 0:
+            raise ValueError("Attention: attention dropout (attn_drop_rate > 0) is not supported on packed tokens")
+        T, C = x.shape
+        q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, C // self.num_heads).unbind(1)
+        if offsets is not None:
+            x = shared_context_attention(q, k, v, offsets, max_seqlen, softmax_scale=self.scale)
+        else:
+            x = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=self.scale)
+        return self.proj_drop(self.proj(x.reshape(T, C)))
 
 
 class Block(nn.Module):
@@ -131,9 +154,15 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, offsets=None):
+        """Dense (B, N, D), or packed (T, D) with ``cu_seqlens`` or ``offsets`` (see ``Attention``)."""
+        if cu_seqlens is None and offsets is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0:
+            raise ValueError("Block: stochastic depth (drop_path_rate > 0) drops whole samples and is not supported on packed tokens")
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, offsets)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -193,7 +222,12 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
 
 class VisionTransformer(nn.Module):
     """ViT encoder without a [cls] token. ``forward(x, masks=None)`` returns
-    (B, N, D) for the full image or (len(masks) * B, K, D) for the masked tokens."""
+    (B, N, D) for the full image or (len(masks) * B, K, D) for the masked tokens.
+
+    With ``PackedMasks`` (one, or a list of them, each over the B images: ``mask.ragged``)
+    the result is packed (T, D): the tokens of every mask row in the order of
+    ``concat_packed(masks)``, computed with variable-length attention, each row attending
+    to its own tokens only."""
 
     def __init__(
         self,
@@ -249,6 +283,12 @@ class VisionTransformer(nn.Module):
     def forward(self, x, masks=None):
         x = self.patch_embed(x)
         pos = self.interpolate_pos_encoding(x, self.pos_embed)
+        if masks is not None and is_packed(masks):
+            packed = concat_packed(masks, len(x)).to(x.device)
+            x = gather_tokens(x, packed.index, pos, packed.cu_seqlens)  # (T, D)
+            for block in self.blocks:
+                x = block(x, packed.cu_seqlens, packed.max_len)
+            return self.norm(x)
         if masks is None:
             x = x + pos
         else:  # the reference adds pos to every token, then gathers: the same values, fused
@@ -261,11 +301,25 @@ class VisionTransformer(nn.Module):
 class VisionTransformerPredictor(nn.Module):
     """Narrow ViT that predicts target-block representations from the context.
 
-    ``forward(x, masks_x, masks)``: x is the context encoder's output
+    ``forward(x, masks_x, masks, shared_context=False)``: x is the context encoder's output
     (len(masks_x) * B, K_ctx, embed_dim); the result is
     (len(masks) * len(masks_x) * B, K_tgt, embed_dim), mask-major. Every row runs
     over [its context ; one target block's mask tokens], so the context is repeated
     once per target block, as in the reference.
+
+    Ragged contexts (``mask.ragged``): ``masks_x`` is a ``PackedMasks`` (or a list of
+    them) and x the encoder's packed (T, embed_dim) output. Row i * R + c (R context
+    rows, block i) is the packed sequence [context c ; block i's mask tokens of sample
+    c % B], attended with ``varlen_attention``; the result is the same dense, mask-major
+    (len(masks) * R, K_tgt, embed_dim).
+
+    ``shared_context=True`` (``meta.shared_context_predictor``): one sequence per context
+    row, [context | block 0 | ... | block M-1], attended with ``shared_context_attention``:
+    context tokens attend to the context only, block i's tokens to the context and block
+    i. Dense or ragged contexts; same output shape and order. This CHANGES THE MODEL: in
+    the reference the context tokens also attend to the mask tokens of their row's block,
+    and so carry a different value into every row; here they see no target at all. It
+    must be shown to learn as well as the reference before it is relied on.
     """
 
     def __init__(
@@ -308,9 +362,11 @@ class VisionTransformerPredictor(nn.Module):
         self.apply(partial(_init_weights, std=init_std))
         _rescale_residual_projections(self.predictor_blocks)
 
-    def forward(self, x, masks_x, masks):
+    def forward(self, x, masks_x, masks, shared_context: bool = False):
         if masks_x is None or masks is None:
             raise ValueError("VisionTransformerPredictor needs both the context masks and the target masks")
+        if shared_context or is_packed(masks_x):
+            return self._forward_packed(x, masks_x, masks, shared_context)
         masks_x, masks = _as_list(masks_x), _as_list(masks)
         B = len(x) // len(masks_x)
         pos_table = self.predictor_pos_embed[0]  # (N, D'): rows looked up by token index
@@ -327,6 +383,82 @@ class VisionTransformerPredictor(nn.Module):
             x = block(x)
         x = self.predictor_norm(x)
         return self.predictor_proj(x[:, n_context:])
+
+    def _forward_packed(self, x, masks_x, masks, shared_context: bool):
+        """Ragged contexts and/or the shared-context layout: see the class docstring."""
+        masks_x, masks = _as_list(masks_x), _as_list(masks)
+        nenc = len(masks_x)
+        pos_table = self.predictor_pos_embed[0]
+        x = self.predictor_embed(x)
+        if is_packed(masks_x):
+            context = concat_packed(masks_x).to(x.device)
+            if x.dim() != 2 or x.shape[0] != context.total:
+                raise ValueError(f"VisionTransformerPredictor: with PackedMasks contexts x must be packed ({context.total}, D), "
+                                 f"got shape {tuple(x.shape)}")
+            x = pos_tokens(x, context.index, pos_table)
+        else:  # dense contexts (shared_context only): (R, K, D') viewed as R packed rows of K tokens
+            index = stack_masks(masks_x, len(x) // nenc).to(x.device)
+            x = pos_tokens(x, index, pos_table).flatten(0, 1)
+            context = PackedMasks.from_dense(index)
+        R = context.rows
+        B = R // nenc
+        if B * nenc != R:
+            raise ValueError(f"VisionTransformerPredictor: {R} context rows is not a multiple of the {nenc} context masks")
+        target_index = repeat_interleave_batch(stack_masks(masks, B).to(x.device), B, repeat=nenc)  # (M * R, K)
+        M, K = len(masks), target_index.shape[1]
+        pred_tokens = pos_tokens(self.mask_token.view(-1), target_index, pos_table)  # (M * R, K, D')
+
+        layout = _predictor_layout(context, M, K, shared_context)
+        tokens = torch.cat([x, pred_tokens.flatten(0, 1)])[layout.source]  # the packed sequences
+        for block in self.predictor_blocks:
+            tokens = block(tokens, layout.cu_seqlens, layout.max_seqlen, layout.offsets)
+        out = tokens[layout.targets]  # (M * R, K, D'): the mask tokens, mask-major
+        return self.predictor_proj(self.predictor_norm(out))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    source: torch.Tensor  # (T,) int64: each packed token's row in cat([context tokens, mask tokens])
+    targets: torch.Tensor  # (M * R, K) int64: where the mask tokens of row i * R + c sit in the packed sequences
+    max_seqlen: int
+    cu_seqlens: torch.Tensor | None = None  # per-row layout: (M * R + 1,) int32
+    offsets: torch.Tensor | None = None  # shared-context layout: (R, M + 2) int32
+
+
+def _predictor_layout(context: PackedMasks, M: int, K: int, shared: bool) -> _Layout:
+    """Index tensors that lay the predictor's packed sequences out, from the contexts'
+    offsets with device ops only: every size is known on the host, nothing waits.
+
+    Inputs are ``cat([context tokens (T_ctx), mask tokens (M * R * K)])``, the mask tokens
+    of row j = i * R + c at T_ctx + j * K. Per-row layout: sequence j = [context c ;
+    mask tokens of j]. Shared layout: sequence c = [context c | j = 0 * R + c | ... |
+    j = (M - 1) * R + c]."""
+    cu = context.cu_seqlens.long()
+    device, R, T_ctx = cu.device, context.rows, context.total
+    L = cu[1:] - cu[:-1]  # (R,) context lengths
+    n_seq = R if shared else M * R
+    seq_L = L if shared else L.repeat(M)  # each sequence's context length
+    seq_len = seq_L + (M * K if shared else K)
+    seq_cu = F.pad(torch.cumsum(seq_len, 0), (1, 0))
+    total = T_ctx + M * R * K if shared else M * (T_ctx + R * K)
+    seq = torch.repeat_interleave(torch.arange(n_seq, device=device), seq_len, output_size=total)
+    offset = torch.arange(total, device=device) - seq_cu[seq]  # position within the sequence
+    c = seq % R
+    past_context = offset - seq_L[seq]  # >= 0 on mask tokens
+    if shared:
+        block, k = torch.div(past_context, K, rounding_mode="floor"), past_context % K
+        mask_row = (block * R + c) * K + k
+    else:
+        mask_row = seq * K + past_context
+    source = torch.where(past_context < 0, cu[c] + offset, T_ctx + mask_row)
+    if shared:
+        start = seq_cu[:-1] + L  # (R,): where block 0 starts
+        targets = (start[None, :, None] + (torch.arange(M, device=device) * K)[:, None, None]
+                   + torch.arange(K, device=device)).reshape(M * R, K)
+        offsets = torch.cat([seq_cu[:-1, None], start[:, None] + torch.arange(M + 1, device=device) * K], 1).to(torch.int32)
+        return _Layout(source, targets, max(context.max_len, K), offsets=offsets)
+    targets = (seq_cu[:-1] + seq_L)[:, None] + torch.arange(K, device=device)
+    return _Layout(source, targets, context.max_len + K, cu_seqlens=seq_cu.to(torch.int32))
 
 
 def vit_predictor(**kwargs) -> VisionTransformerPredictor:
