@@ -55,12 +55,29 @@ def kernels_table(rows) -> list[str]:
     return lines
 
 
+def step_table(rows) -> list[str]:
+    step_rows = [r for r in rows if r.get("bench") == "bench_step"]
+    if not step_rows:
+        return []
+    phases = list(step_rows[0]["phase_ms"])
+    lines = ["| model | mode | batch | step ms | img/s | MFU | context tokens | peak GiB | " + " | ".join(phases) + " |",
+             "|" + "---|" * (8 + len(phases))]
+    for r in step_rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {mfu} | "
+                     f"{r['mean_context_tokens']} | {r.get('peak_memory_gib') or ''} | "
+                     + " | ".join(f"{r['phase_ms'][p]:.1f}" for p in phases) + " |")
+    first = step_rows[0]
+    lines += ["", f"{first['hardware']}, torch {first['torch']}, {first['date']}: `{first['command']}` (phases in ms)"]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     rows = read_rows(args.files)
-    sections = [lines for lines in (ceilings_table(rows), kernels_table(rows)) if lines]
+    sections = [lines for lines in (ceilings_table(rows), kernels_table(rows), step_table(rows)) if lines]
     text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
     sys.stdout.write(text)
     return text

@@ -1,0 +1,361 @@
+"""End-to-end I-JEPA training step: images/s, time per phase, peak memory and MFU.
+
+    python benchmarks/bench_step.py                              # ViT-B/16, ViT-L/16, ViT-H/14, ViT-H/16-448; every mode (a GPU)
+    python benchmarks/bench_step.py --models vit_huge --modes fastjepa,ragged --compile
+    python benchmarks/bench_step.py --quick                      # ViT-tiny/8 at 64 px, a few steps: checks the script
+
+Synthetic uint8 images already on the device (the data wait is measured by bench_data.py),
+the published ViT-H/14 mask settings, predictor depth 12 and width 384. Modes:
+  reference-eager  our own eager re-creation of the reference's step, for comparison only:
+                   attention as explicit matrix products with an fp32 softmax, gathers with an
+                   int64 index repeated to (B, K, D) plus cat, the context repeated per target
+                   block, GradScaler with bf16, AdamW (foreach, not fused), a per-parameter EMA
+                   loop, masks copied from pageable memory, and the reference's host syncs
+                   (``float(loss)`` and ``torch.cuda.synchronize()`` every step);
+  fastjepa         the same semantics with every fast path (fused gather, fused EMA with the
+                   bf16 target shadow, SDPA, no per-step sync);
+  ragged           fastjepa with ``mask.ragged`` (every sampled context token, varlen attention);
+  shared-context   fastjepa with ``meta.shared_context_predictor``.
+Times: the throughput run has no sync inside the timed steps; a second run records CUDA events
+around each phase (NVTX ranges too, for ``nsys``), so the phases add up to a slightly slower
+step. MFU counts the FLOPs of the reference's step (fastjepa.flops, the measured mean context
+length) against the measured bf16 matmul ceiling (or --peak-tflops). Rows are appended to
+benchmarks/results/bench_step.jsonl (or --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # imported by path (the tests), not run as a script
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import RESULTS, hardware, write_rows  # noqa: E402
+from fastjepa.data.normalize import normalize  # noqa: E402
+from fastjepa.flops import step_flops_per_image  # noqa: E402
+from fastjepa.helper import init_model, init_opt  # noqa: E402
+from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
+from fastjepa.masks.utils import PackedMasks, stack_masks  # noqa: E402
+from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
+from fastjepa.ops import ema_update_, gather_tokens  # noqa: E402
+from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
+
+# name -> (model, patch, crop, batch): the published configs' per-GPU batch for ViT-H
+MODELS = {
+    "vit_base/16": ("vit_base", 16, 224, 128),
+    "vit_large/16": ("vit_large", 16, 224, 128),
+    "vit_huge/14": ("vit_huge", 14, 224, 128),
+    "vit_huge/16-448": ("vit_huge", 16, 448, 16),
+}
+QUICK_MODELS = {"vit_tiny/8-64": ("vit_tiny", 8, 64, 4)}
+QUICK_MIN_KEEP = 2  # an 8x8 grid: the published min_keep of 10 exceeds the smallest target block
+MODES = ("reference-eager", "fastjepa", "ragged", "shared-context")
+MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
+             min_keep=10, allow_overlap=False)
+PHASES = ("masks", "target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class PhaseTimer:
+    """CUDA events (or host time on the CPU) and an NVTX range around each phase; disabled,
+    it costs nothing, so the throughput run uses the same step code."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled, self.marks = device, enabled, []
+        self.nvtx = _nvtx_range() if enabled else None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        with self.nvtx(name):
+            start = self._mark()
+            yield
+            self.marks.append((name, start, self._mark()))
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def collect(self) -> dict[str, float]:
+        """Milliseconds per phase for the steps recorded since the last call (summed per name)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for name, start, end in self.marks:
+            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
+            totals[name] = totals.get(name, 0.0) + ms
+        self.marks = []
+        return totals
+
+
+def _nvtx_range():
+    try:
+        import nvtx
+
+        return lambda name: nvtx.annotate(name)
+    except ImportError:
+        if torch.cuda.is_available():
+            return torch.cuda.nvtx.range
+        return lambda name: contextlib.nullcontext()
+
+
+# ----------------------------------------------------------- the reference's step, re-created
+
+
+def _reference_attention(attn, x):
+    """Explicit q k^T, softmax in fp32 (autocast's choice for softmax), attn @ v."""
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _reference_blocks(blocks, x):
+    for block in blocks:
+        x = x + _reference_attention(block.attn, block.norm1(x))
+        x = x + block.mlp(block.norm2(x))
+    return x
+
+
+def _reference_apply_masks(x, masks):
+    """An int64 index repeated to (B, K, D) per mask, gather, cat."""
+    return torch.cat([torch.gather(x, 1, m.unsqueeze(-1).repeat(1, 1, x.size(-1))) for m in masks], dim=0)
+
+
+def reference_encoder(encoder, imgs, masks=None):
+    x = encoder.patch_embed(imgs) + encoder.pos_embed
+    if masks is not None:
+        x = _reference_apply_masks(x, masks)
+    return encoder.norm(_reference_blocks(encoder.blocks, x))
+
+
+def reference_predictor(predictor, x, masks_x, masks):
+    B = len(x) // len(masks_x)
+    x = predictor.predictor_embed(x)
+    x += _reference_apply_masks(predictor.predictor_pos_embed.repeat(B, 1, 1), masks_x)
+    n_context = x.shape[1]
+    pos = repeat_interleave_batch(_reference_apply_masks(predictor.predictor_pos_embed.repeat(B, 1, 1), masks), B, len(masks_x))
+    pred_tokens = predictor.mask_token.repeat(pos.size(0), pos.size(1), 1) + pos
+    x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
+    x = predictor.predictor_norm(_reference_blocks(predictor.predictor_blocks, x))
+    return predictor.predictor_proj(x[:, n_context:])
+
+
+# ------------------------------------------------------------------------------- the step
+
+
+class Step:
+    """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
+
+    def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_models, min_keep, seed=0):
+        self.mode, self.device, self.batch = mode, device, batch
+        torch.manual_seed(seed)
+        self.encoder, self.predictor = init_model(device, patch, model, crop, pred_depth, pred_emb_dim)
+        self.target = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.optimizer, _, self.lr_schedule, self.wd_schedule = init_opt(
+            self.encoder, self.predictor, iterations_per_epoch=1000, start_lr=1e-4, ref_lr=1e-3, warmup=1, num_epochs=10,
+            wd=0.04, final_wd=0.4)
+        self.reference = mode == "reference-eager"
+        if self.reference:  # the reference's AdamW (foreach, not fused) and its GradScaler
+            self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, foreach=device.type == "cuda")
+            self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        else:
+            self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, fused=device.type == "cuda")
+        self.bf16 = device.type == "cuda"
+        self.shadow = Bf16Shadow(self.target, self.encoder) if self.bf16 and not self.reference else None
+        self.targets, self.onlines = list(self.target.parameters()), list(self.encoder.parameters())
+        self.sampler = MultiBlockMaskSampler(input_size=crop, patch_size=patch, **{**MASKS, "min_keep": min_keep})
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.images = [torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8).to(device) for _ in range(2)]
+        self.encode, self.predict, self.target_forward = self.encoder, self.predictor, (self.shadow.module if self.shadow else self.target)
+        if compile_models and not self.reference:
+            self.encode, self.predict, self.target_forward = (torch.compile(m) for m in (self.encode, self.predict, self.target_forward))
+        self.step_index, self.context_tokens = 0, []
+
+    def run(self, phase: PhaseTimer) -> torch.Tensor:
+        ragged, shared = self.mode == "ragged", self.mode == "shared-context"
+        imgs = normalize(self.images[self.step_index % 2])
+        with phase("masks"):
+            g = torch.Generator().manual_seed(self.step_index)
+            if self.reference:  # host masks, copied from pageable memory
+                masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g)
+                masks_enc, masks_pred = ([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
+            else:
+                masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g, device=self.device, ragged=ragged)
+        first = masks_enc[0]
+        self.context_tokens.append(sum(first.lengths) / first.rows if isinstance(first, PackedMasks) else first.shape[1])
+        self.lr_schedule.step(), self.wd_schedule.step()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with phase("target forward"), torch.no_grad():
+                if self.reference:
+                    h = F.layer_norm(reference_encoder(self.target, imgs), (self.target.embed_dim,))
+                    h = repeat_interleave_batch(_reference_apply_masks(h, masks_pred), self.batch, len(masks_enc))
+                else:
+                    h = F.layer_norm(self.target_forward(imgs), (self.target.embed_dim,))
+                    index = repeat_interleave_batch(stack_masks(masks_pred, self.batch), self.batch, len(masks_enc))
+                    h = gather_tokens(h, index)
+            with phase("context forward"):
+                z = reference_encoder(self.encoder, imgs, masks_enc) if self.reference else self.encode(imgs, masks_enc)
+            with phase("predictor"):
+                if self.reference:
+                    z = reference_predictor(self.predictor, z, masks_enc, masks_pred)
+                else:
+                    z = self.predict(z, masks_enc, masks_pred, **({"shared_context": True} if shared else {}))
+            with phase("loss"):
+                loss = F.smooth_l1_loss(z.float(), h.float())
+        with phase("backward"):
+            (self.scaler.scale(loss) if self.reference else loss).backward()
+        with phase("optimizer"):
+            if self.reference:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with phase("ema"):
+            m = 0.996
+            if self.reference:
+                with torch.no_grad():
+                    for t, o in zip(self.targets, self.onlines):
+                        t.mul_(m).add_((1.0 - m) * o.detach())
+            elif self.shadow is not None:
+                self.shadow.update_(m)
+            else:
+                ema_update_(self.targets, self.onlines, m)
+        if self.reference:  # the reference's per-step host syncs
+            loss.item()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        self.step_index += 1
+        return loss.detach()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(name, spec, mode, device, args) -> dict:
+    model, patch, crop, batch = spec
+    pred_depth, pred_emb_dim = (2, 96) if args.quick else (12, 384)
+    if args.batch_size:
+        batch = args.batch_size
+    min_keep = QUICK_MIN_KEEP if args.quick else MASKS["min_keep"]
+    step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep)
+    off, on = PhaseTimer(device, enabled=False), PhaseTimer(device, enabled=True)
+    for _ in range(args.warmup):
+        step.run(off)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step.run(off)
+    loss = float(loss)
+    _sync(device)
+    step_ms = (time.perf_counter() - started) * 1e3 / args.steps
+    phases = []
+    for _ in range(max(1, args.steps // 2)):
+        step.run(on)
+        phases.append(on.collect())
+    phase_ms = {p: round(statistics.median(x.get(p, 0.0) for x in phases), 3) for p in PHASES}
+    k_context = statistics.mean(step.context_tokens)
+    flops = step_flops_per_image(model, crop, patch, pred_depth, pred_emb_dim, k_context=k_context,
+                                 k_target=_mean_target_tokens(step.sampler), num_pred_masks=MASKS["npred"]).total
+    images_per_s = batch * 1e3 / step_ms
+    row = {
+        "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile, "quick": args.quick,
+        "step_ms": round(step_ms, 3), "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
+        "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
+        "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "device": device.type, "hardware": hardware(device),
+    }
+    if args.peak_tflops:
+        row["mfu"] = round(row["achieved_tflop_s"] / args.peak_tflops, 4)
+    return row
+
+
+def _mean_target_tokens(sampler, draws: int = 20) -> float:
+    g = torch.Generator().manual_seed(1)
+    return statistics.mean(sampler.sample(8, generator=g)[1][0].shape[1] for _ in range(draws))
+
+
+def print_table(rows):
+    header = f"{'model':<18}{'mode':<17}{'batch':>6}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ctx K':>7}{'GiB':>7}  phases (ms)"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        phases = " ".join(f"{k.split()[0]}={v:.1f}" for k, v in r["phase_ms"].items())
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        gib = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""
+        print(f"{r['model']:<18}{r['mode']:<17}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}"
+              f"{r['achieved_tflop_s']:>9.2f}{mfu:>7}{r['mean_context_tokens']:>7.1f}{gib:>7}  {phases}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ViT-tiny at 64 px, batch 4, a few steps: checks the script")
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the per-model batch size")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, --quick 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, predictor and target (fastjepa modes)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 matmul ceiling for MFU (default: measured here on a GPU, none on the CPU)")
+    parser.add_argument("--results", type=Path, default=RESULTS / "bench_step.jsonl")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (2 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    catalogue = QUICK_MODELS if args.quick else MODELS
+    names = args.models.split(",") if args.models else list(catalogue)
+    modes = args.modes.split(",")
+    for name in names:
+        if name not in catalogue:
+            parser.error(f"unknown model {name!r}: choose from {', '.join(catalogue)}")
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.peak_tflops is None and device.type == "cuda":
+        from bench_ceilings import matmul_tflops
+
+        args.peak_tflops = matmul_tflops(device, 8192)
+        print(f"{hardware(device)}: bf16 matmul ceiling {args.peak_tflops:.0f} TFLOP/s (MFU's denominator)")
+    rows = []
+    for name in names:
+        for mode in modes:
+            try:
+                rows.append(bench(name, catalogue[name], mode, device, args))
+            except torch.OutOfMemoryError as e:
+                print(f"{name} {mode}: out of memory ({str(e).splitlines()[0]})")
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print_table(rows)
+    write_rows(args.results, rows, [__file__, *argv])
+    print(f"appended {len(rows)} rows to {args.results}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/bench_step.py: the quick run, and the reference-eager re-creation computing the
+same step as fastjepa's fast path."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
+    module = load_script()
+    results = tmp_path / "rows.jsonl"
+    module.main(["--quick", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == list(module.MODES)
+    for r in rows:
+        assert set(r["phase_ms"]) == set(module.PHASES) and all(v >= 0 for v in r["phase_ms"].values())
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0 and r["flops_per_image"] > 0
+        assert r["images_per_s"] == round(r["batch"] * 1e3 / r["step_ms"], 2)
+    ragged, fastjepa = (next(r for r in rows if r["mode"] == m) for m in ("ragged", "fastjepa"))
+    assert ragged["mean_context_tokens"] > fastjepa["mean_context_tokens"]  # nothing truncated
+
+
+def test_reference_eager_step_equals_the_fastjepa_step():
+    """Same weights, masks and images: the re-created reference step and fastjepa's step give
+    the same loss and the same updated target (fp32 on the CPU, so no autocast)."""
+    module = load_script()
+    steps = {mode: module.Step(mode, "vit_tiny", 8, 64, 3, torch.device("cpu"), 2, 48, False, min_keep=2)
+             for mode in ("reference-eager", "fastjepa")}
+    off = module.PhaseTimer(torch.device("cpu"), enabled=False)
+    losses = {mode: [float(step.run(off)) for _ in range(2)] for mode, step in steps.items()}
+    torch.testing.assert_close(losses["reference-eager"], losses["fastjepa"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(steps["reference-eager"].target.parameters(), steps["fastjepa"].target.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
