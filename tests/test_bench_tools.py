@@ -53,3 +53,19 @@ def test_gpu_check_script_parses_and_refuses_to_run_without_a_gpu():
         pytest.skip("a GPU is present: gpu_check.sh would really run")
     done = subprocess.run([str(script)], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
     assert done.returncode == 2 and "no CUDA device" in done.stderr
+
+
+def test_plot_draws_kernel_and_step_figures_and_ignores_quick_rows(tmp_path):
+    kernel = {"bench": "bench_kernels", "op": "gather", "mode": "fwd", "model": "vit_huge", "hardware": "GPU", "date": "d",
+              "median_ms": 0.02, "pct_copy": 70.0, "quick": False}
+    rows = [{**kernel, "provider": "reference apply_masks", "median_ms": 0.1}, {**kernel, "provider": "fastjepa triton"},
+            {"bench": "bench_step", "model": "vit_huge/14", "mode": "fastjepa", "compile": False, "hardware": "GPU", "date": "d",
+             "images_per_s": 300.0, "mfu": 0.4, "phase_ms": {"backward": 200.0, "ema": 1.0}, "quick": False}]
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = load("plot").main([str(results), "--out", str(tmp_path / "figures")])
+    assert [p.name for p in written] == ["kernels.png", "step.png", "phases.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+    quick = tmp_path / "quick.jsonl"
+    quick.write_text("".join(json.dumps({**r, "quick": True}) + "\n" for r in rows))
+    assert load("plot").main([str(quick), "--out", str(tmp_path / "none")]) == []
