@@ -9,6 +9,7 @@
 #     benchmarks/results/<date>-<gpu>.jsonl   result rows (ceilings, kernels, test summary)
 #     benchmarks/results/<date>-<gpu>.md      the same as tables
 #     benchmarks/results/<date>-<gpu>.log     everything printed
+#     benchmarks/results/<date>-<gpu>-figures/ kernels.png, step.png, phases.png
 #
 # Every stage runs under its own time limit (8 minutes in all); a failing stage does not stop
 # the others, and the exit code is non-zero when any stage failed.
@@ -63,6 +64,7 @@ stage kernels 60 $PYTHON benchmarks/bench_kernels.py --ops gather,ema --results 
 stage attention 100 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
 stage step 80 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
 stage report 30 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
+stage figures 30 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
 rm -f "$BASE-tests.xml"
 
 echo
