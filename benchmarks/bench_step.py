@@ -15,7 +15,11 @@ the published ViT-H/14 mask settings, predictor depth 12 and width 384. Modes:
   fastjepa         the same semantics with every fast path (fused gather, fused EMA with the
                    bf16 target shadow, SDPA, no per-step sync);
   ragged           fastjepa with ``mask.ragged`` (every sampled context token, varlen attention);
-  shared-context   fastjepa with ``meta.shared_context_predictor``.
+  shared-context   fastjepa with ``meta.shared_context_predictor``;
+  reference-src    with ``--reference-src DIR``: the real reference models, ``apply_masks`` and
+                   ``repeat_interleave_batch``, imported from your own checkout of
+                   facebookresearch/ijepa (never vendored, never required), in the
+                   reference-eager step (same optimizer, scaler, EMA loop and syncs).
 Times: the throughput run has no sync inside the timed steps; a second run records CUDA events
 around each phase (NVTX ranges too, for ``nsys``), so the phases add up to a slightly slower
 step. MFU counts the FLOPs of the reference's step (fastjepa.flops, the measured mean context
@@ -60,6 +64,7 @@ MODELS = {
 QUICK_MODELS = {"vit_tiny/8-64": ("vit_tiny", 8, 64, 4)}
 QUICK_MIN_KEEP = 2  # an 8x8 grid: the published min_keep of 10 exceeds the smallest target block
 MODES = ("reference-eager", "fastjepa", "ragged", "shared-context")
+REFERENCE_SRC_MODE = "reference-src"  # added to the modes by --reference-src DIR
 MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
              min_keep=10, allow_overlap=False)
 PHASES = ("masks", "target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema")
@@ -164,15 +169,18 @@ def reference_predictor(predictor, x, masks_x, masks):
 class Step:
     """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
 
-    def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_models, min_keep, seed=0):
+    def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_models, min_keep, seed=0,
+                 reference_src=None):
         self.mode, self.device, self.batch = mode, device, batch
         torch.manual_seed(seed)
-        self.encoder, self.predictor = init_model(device, patch, model, crop, pred_depth, pred_emb_dim)
+        self.source = _import_reference(reference_src) if mode == REFERENCE_SRC_MODE else None
+        build = self.source["init_model"] if self.source else init_model
+        self.encoder, self.predictor = build(device, patch, model, crop, pred_depth, pred_emb_dim)
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)
         self.optimizer, _, self.lr_schedule, self.wd_schedule = init_opt(
             self.encoder, self.predictor, iterations_per_epoch=1000, start_lr=1e-4, ref_lr=1e-3, warmup=1, num_epochs=10,
             wd=0.04, final_wd=0.4)
-        self.reference = mode == "reference-eager"
+        self.reference = mode in ("reference-eager", REFERENCE_SRC_MODE)
         if self.reference:  # the reference's AdamW (foreach, not fused) and its GradScaler
             self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, foreach=device.type == "cuda")
             self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -204,7 +212,10 @@ class Step:
         self.lr_schedule.step(), self.wd_schedule.step()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             with phase("target forward"), torch.no_grad():
-                if self.reference:
+                if self.source:
+                    h = F.layer_norm(self.target(imgs), (self.target.embed_dim,))
+                    h = self.source["repeat_interleave_batch"](self.source["apply_masks"](h, masks_pred), self.batch, len(masks_enc))
+                elif self.reference:
                     h = F.layer_norm(reference_encoder(self.target, imgs), (self.target.embed_dim,))
                     h = repeat_interleave_batch(_reference_apply_masks(h, masks_pred), self.batch, len(masks_enc))
                 else:
@@ -212,9 +223,14 @@ class Step:
                     index = repeat_interleave_batch(stack_masks(masks_pred, self.batch), self.batch, len(masks_enc))
                     h = gather_tokens(h, index)
             with phase("context forward"):
-                z = reference_encoder(self.encoder, imgs, masks_enc) if self.reference else self.encode(imgs, masks_enc)
+                if self.source:
+                    z = self.encoder(imgs, masks_enc)
+                else:
+                    z = reference_encoder(self.encoder, imgs, masks_enc) if self.reference else self.encode(imgs, masks_enc)
             with phase("predictor"):
-                if self.reference:
+                if self.source:
+                    z = self.predictor(z, masks_enc, masks_pred)
+                elif self.reference:
                     z = reference_predictor(self.predictor, z, masks_enc, masks_pred)
                 else:
                     z = self.predict(z, masks_enc, masks_pred, **({"shared_context": True} if shared else {}))
@@ -247,6 +263,25 @@ class Step:
         return loss.detach()
 
 
+def _import_reference(src) -> dict:
+    """The reference's init_model, apply_masks and repeat_interleave_batch from a checkout."""
+    if src is None:
+        raise ValueError(f"mode {REFERENCE_SRC_MODE} needs --reference-src DIR")
+    src = Path(src).resolve()
+    if not (src / "src" / "helper.py").is_file():
+        raise ValueError(f"--reference-src {src}: no src/helper.py there (a checkout of facebookresearch/ijepa?)")
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)  # the reference logs every model it builds
+    from src.helper import init_model as reference_init_model
+    from src.masks.utils import apply_masks
+    from src.utils.tensors import repeat_interleave_batch as reference_repeat
+
+    return {"init_model": reference_init_model, "apply_masks": apply_masks, "repeat_interleave_batch": reference_repeat}
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -258,7 +293,8 @@ def bench(name, spec, mode, device, args) -> dict:
     if args.batch_size:
         batch = args.batch_size
     min_keep = QUICK_MIN_KEEP if args.quick else MASKS["min_keep"]
-    step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep)
+    step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep,
+                reference_src=args.reference_src)
     off, on = PhaseTimer(device, enabled=False), PhaseTimer(device, enabled=True)
     for _ in range(args.warmup):
         step.run(off)
@@ -322,18 +358,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, predictor and target (fastjepa modes)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 matmul ceiling for MFU (default: measured here on a GPU, none on the CPU)")
+    parser.add_argument("--reference-src", metavar="DIR", default=None,
+                        help="a checkout of facebookresearch/ijepa: also time its real step (mode reference-src)")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_step.jsonl")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     catalogue = QUICK_MODELS if args.quick else MODELS
     names = args.models.split(",") if args.models else list(catalogue)
-    modes = args.modes.split(",")
+    modes = args.modes.split(",") + ([REFERENCE_SRC_MODE] if args.reference_src else [])
     for name in names:
         if name not in catalogue:
             parser.error(f"unknown model {name!r}: choose from {', '.join(catalogue)}")
     for mode in modes:
-        if mode not in MODES:
+        if mode not in MODES + (REFERENCE_SRC_MODE,):
             parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.peak_tflops is None and device.type == "cuda":

@@ -42,3 +42,21 @@ def test_reference_eager_step_equals_the_fastjepa_step():
     torch.testing.assert_close(losses["reference-eager"], losses["fastjepa"], rtol=1e-5, atol=1e-6)
     for a, b in zip(steps["reference-eager"].target.parameters(), steps["fastjepa"].target.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+REFERENCE_CHECKOUT = Path("/work/ref-ijepa")
+
+
+def test_the_real_reference_step_equals_the_re_created_one():
+    """Only where a checkout of facebookresearch/ijepa sits at /work/ref-ijepa (never vendored)."""
+    import pytest
+
+    if not (REFERENCE_CHECKOUT / "src" / "helper.py").is_file():
+        pytest.skip(f"no reference checkout at {REFERENCE_CHECKOUT}")
+    module = load_script()
+    steps = {mode: module.Step(mode, "vit_tiny", 8, 64, 3, torch.device("cpu"), 2, 48, False, min_keep=2,
+                               reference_src=REFERENCE_CHECKOUT)
+             for mode in ("reference-eager", module.REFERENCE_SRC_MODE)}
+    off = module.PhaseTimer(torch.device("cpu"), enabled=False)
+    losses = {mode: [float(step.run(off)) for _ in range(2)] for mode, step in steps.items()}
+    torch.testing.assert_close(losses["reference-eager"], losses[module.REFERENCE_SRC_MODE], rtol=1e-5, atol=1e-6)
