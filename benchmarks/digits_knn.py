@@ -3,6 +3,7 @@
     python benchmarks/digits_knn.py                  # one seed, a few CPU minutes
     python benchmarks/digits_knn.py --seed 1
     python benchmarks/digits_knn.py --quick          # a few steps: checks the pipeline, not the learning
+    python benchmarks/digits_knn.py --mode ragged    # or shared-context: the opt-in modes, same steps
 
 The digits' train split (load_digits: 1,258 images, 8x8 upsampled to IMAGE_SIZE px) is written
 as PNG files (one folder per class; training ignores the labels) to a temporary folder, and
@@ -72,6 +73,15 @@ SETTINGS = dict(
 )
 
 
+# --mode -> the fit keys it sets (the opt-in modes of the README)
+MODES = {
+    "reference": {},
+    "ragged": {"ragged": True},
+    "shared-context": {"shared_context_predictor": True},
+    "ragged+shared-context": {"ragged": True, "shared_context_predictor": True},
+}
+
+
 def write_images(folder: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """uint8 (N, 3, S, S) images as folder/<label>/<index>.png."""
     for index, (image, label) in enumerate(zip(images, labels.tolist())):
@@ -107,13 +117,15 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help=f"train {QUICK_STEPS} steps only: checks the pipeline, not the learning")
     parser.add_argument("--device", default="cpu", help="training device (default cpu; evaluation runs on the CPU)")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+    parser.add_argument("--mode", choices=MODES, default="reference",
+                        help="reference masks (default), ragged contexts (mask.ragged) or the shared-context predictor")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    settings = dict(SETTINGS)
+    settings = {**SETTINGS, **MODES[args.mode]}
     if args.epochs is not None:
         settings["epochs"] = args.epochs
     train_images, train_labels, test_images, test_labels = load_digits(IMAGE_SIZE, test_fraction=0.3, seed=0)
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "digits_knn",
         "model": settings["model_name"],
         "seed": args.seed,
+        "mode": args.mode,
         "quick": args.quick,
         "settings": settings_summary(settings),
         "config": settings,

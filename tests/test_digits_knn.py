@@ -64,3 +64,11 @@ def test_pretrained_target_encoder_against_random_init(tmp_path):
     assert row["steps"] > 200 and row["loss_last10"] < row["loss_first10"]
     assert row["knn_trained"] > row["knn_random"] + KNN_MARGIN, row
     assert row["linear_trained"] > row["linear_random"] + LINEAR_MARGIN, row
+
+
+def test_mode_sets_the_opt_in_keys(tmp_path):
+    module = load_script()
+    row = module.main(["--quick", "--mode", "ragged+shared-context", "--results", str(tmp_path / "rows.jsonl")])
+    assert row["mode"] == "ragged+shared-context"
+    assert row["config"]["ragged"] is True and row["config"]["shared_context_predictor"] is True
+    assert 0.0 <= row["knn_trained"] <= 1.0
