@@ -1,6 +1,8 @@
-"""Kernel microbenchmarks: the masked-token gather and the EMA against their peers.
+"""Kernel microbenchmarks: the masked-token gather, the EMA, the fused AdamW + EMA step and
+attention against their peers.
 
     python benchmarks/bench_kernels.py              # ViT-B/16, ViT-L/16, ViT-H/14, B=128, bf16 tokens (a GPU)
+    python benchmarks/bench_kernels.py --ops ema,adamw_ema
     python benchmarks/bench_kernels.py --ops attention
     python benchmarks/bench_kernels.py --quick      # tiny shapes, a few runs: checks the script (CPU: torch
                                                     # backend and, with TRITON_INTERPRET=1, the interpreter)
@@ -12,8 +14,15 @@ with an expanded index. Bytes: forward reads and writes B*K*D values; backward r
 B*K*D and writes all B*N*D gradient values (zeros included).
 
 ema: every fp32 parameter of the encoder (389 tensors, 630 M values for ViT-H/14).
-Peers: the reference's per-parameter ``mul_``/``add_`` loop and ``torch._foreach_lerp_``.
-Bytes: 12 per parameter (read target and online, write target), 14 with a bf16 shadow.
+Peers: the reference's per-parameter ``mul_``/``add_`` loop, ``torch._foreach_lerp_`` and,
+when NVIDIA apex is installed, its ``multi_tensor_axpby``. Bytes: 12 per parameter (read
+target and online, write target), 14 with a bf16 shadow.
+
+adamw_ema: one optimizer step of the encoder's parameters followed by the target EMA.
+fastjepa's ``adamw_ema_`` (one pass; the torch backend is a per-tensor loop, timed with
+--quick only) against ``torch.optim.AdamW(fused=True)`` then ``torch._foreach_lerp_`` and,
+with apex, ``FusedAdam`` then ``multi_tensor_axpby``. Bytes: 36 per parameter (read grad,
+param, both moments and target, write param, moments and target), 38 with a bf16 shadow.
 
 attention: packed ragged sequences at I-JEPA shapes, forward, backward and both, in TFLOP/s
 with FlashAttention's convention (forward 4 * S^2 * H * D per sequence, backward 2.5x):
@@ -45,7 +54,7 @@ import torch  # noqa: E402
 
 from common import RESULTS, copy_bandwidth_gbs, device_times_ms, hardware, write_rows  # noqa: E402
 from fastjepa.models import vision_transformer as vit  # noqa: E402
-from fastjepa.ops import ema_update_, gather_tokens, use_backend  # noqa: E402
+from fastjepa.ops import adamw_ema_, ema_update_, gather_tokens, use_backend  # noqa: E402
 from fastjepa.ops.backend import device_problem  # noqa: E402
 from attention_peers import PEERS, AttentionCase, Unavailable  # noqa: E402
 
@@ -78,7 +87,7 @@ def fastjepa_gather(backend):
 
 def gather_providers(device):
     providers = {"reference apply_masks": (reference_apply_masks, torch.int64), "torch.gather+expand": (gather_expand, torch.int64)}
-    for backend in ("triton", "torch"):
+    for backend in ("cuda", "triton", "torch"):
         if device_problem(backend, device) is None:
             providers[f"fastjepa {backend}"] = (fastjepa_gather(backend), torch.int32)
     return providers
@@ -132,6 +141,34 @@ def ema_loop(targets, onlines, m):
         t.mul_(m).add_((1.0 - m) * o)
 
 
+def apex_peers(device):
+    """NVIDIA apex's ``amp_C`` (multi_tensor_axpby) and ``FusedAdam`` when installed on a GPU
+    machine, else None: optional peers, never required."""
+    if device.type != "cuda":
+        return None
+    try:
+        import amp_C
+        from apex.multi_tensor_apply import multi_tensor_applier
+        from apex.optimizers import FusedAdam
+    except Exception:  # not installed, or built without its CUDA extensions
+        return None
+
+    def axpby_ema(targets, onlines, m):
+        """target = m * target + (1 - m) * online with multi_tensor_axpby (out = a * x + b * y)."""
+        flag = torch.zeros(1, dtype=torch.int, device=device)
+        return lambda: multi_tensor_applier(amp_C.multi_tensor_axpby, flag, [targets, onlines, targets], m, 1.0 - m, -1)
+
+    return axpby_ema, FusedAdam
+
+
+def fastjepa_ema(backend, targets, onlines, momentum, shadows):
+    def run():
+        with use_backend(backend):
+            ema_update_(targets, onlines, momentum, shadows)
+
+    return run
+
+
 def bench_ema(model, device, quick):
     shapes = encoder_shapes(model, quick)
     params = sum(s.numel() for s in shapes)
@@ -145,14 +182,13 @@ def bench_ema(model, device, quick):
         "reference loop": (lambda: ema_loop(targets, onlines, m), 12),
         "torch._foreach_lerp_": (lambda: torch._foreach_lerp_(targets, onlines, 1.0 - m), 12),
     }
-    if device_problem("triton", device) is None:
-        def triton_ema(with_shadow):
-            def run():
-                with use_backend("triton"):
-                    ema_update_(targets, onlines, momentum, shadows if with_shadow else ())
-            return run
-        providers["fastjepa triton"] = (triton_ema(False), 12)
-        providers["fastjepa triton +bf16 shadow"] = (triton_ema(True), 14)
+    for backend in ("cuda", "triton"):
+        if device_problem(backend, device) is None:
+            providers[f"fastjepa {backend}"] = (fastjepa_ema(backend, targets, onlines, momentum, ()), 12)
+            providers[f"fastjepa {backend} +bf16 shadow"] = (fastjepa_ema(backend, targets, onlines, momentum, shadows), 14)
+    apex = apex_peers(device)
+    if apex:
+        providers["apex multi_tensor_axpby"] = (apex[0](targets, onlines, m), 12)
 
     start = [t.clone() for t in targets[:3]]
     expected = [m * t.double() + (1 - m) * o.double() for t, o in zip(start, onlines)]
@@ -166,6 +202,78 @@ def bench_ema(model, device, quick):
         rows.append({"op": "ema", "mode": "update", "model": model, "provider": provider,
                      "shape": f"{len(shapes)} tensors, {params / 1e6:.1f} M params", "dtype": "float32",
                      "bytes": bytes_per_param * params, **timed(run, device, quick)})
+    return rows
+
+
+# ---------------------------------------------------------------------------- adamw_ema
+
+ADAMW = dict(lr=2.0**-13, weight_decay=0.04, betas=(0.9, 0.999), eps=1e-8)  # lr and wd as fp32 holds them
+
+
+def bench_adamw_ema(model, device, quick):
+    shapes = encoder_shapes(model, quick)
+    params_count = sum(s.numel() for s in shapes)
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = 1e-2 * torch.randn(p.shape, device=device, generator=g)
+    grads = [p.grad for p in params]
+    targets = [torch.randn(s, device=device, generator=g) for s in shapes]
+    shadows = [torch.empty(s, device=device, dtype=torch.bfloat16) for s in shapes]
+    weights = [p.detach() for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(w) for w in weights], [torch.zeros_like(w) for w in weights]
+    step = torch.zeros((), device=device)
+    lr, weight_decay = torch.tensor(ADAMW["lr"], device=device), torch.tensor(ADAMW["weight_decay"], device=device)
+    m = 0.996
+    momentum = torch.tensor(m, device=device)
+
+    def fastjepa(backend, with_shadow):
+        def run():
+            with use_backend(backend):
+                adamw_ema_(weights, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, betas=ADAMW["betas"], eps=ADAMW["eps"],
+                           targets=targets, momentum=momentum, shadows=shadows if with_shadow else ())
+        return run, lambda: (torch._foreach_zero_(exp_avgs), torch._foreach_zero_(exp_avg_sqs), step.zero_())
+
+    def optimizer_then_lerp(optimizer, ema):
+        def run():
+            optimizer.step()
+            ema()
+        return run, optimizer.state.clear
+
+    torch_fused = torch.optim.AdamW(params, fused=True, **ADAMW)
+    providers = {"torch AdamW(fused)+_foreach_lerp_": (
+        optimizer_then_lerp(torch_fused, lambda: torch._foreach_lerp_(targets, weights, 1.0 - m)), 36)}
+    if device_problem("cuda", device) is None:
+        providers["fastjepa cuda"] = (fastjepa("cuda", False), 36)
+        providers["fastjepa cuda +bf16 shadow"] = (fastjepa("cuda", True), 38)
+    if quick:
+        providers["fastjepa torch"] = (fastjepa("torch", False), 36)
+    apex = apex_peers(device)
+    if apex:
+        axpby_ema, FusedAdam = apex
+        apex_adam = FusedAdam(params, adam_w_mode=True, **ADAMW)
+        providers["apex FusedAdam+multi_tensor_axpby"] = (optimizer_then_lerp(apex_adam, axpby_ema(targets, weights, m)), 36)
+
+    # One step from zero moments, checked against the torch backend on copies of the first tensors.
+    start = [(w.clone(), t.clone()) for w, t in zip(weights[:3], targets[:3])]
+    expected_w, expected_t = [w.clone() for w, _ in start], [t.clone() for _, t in start]
+    with use_backend("torch"):
+        adamw_ema_(expected_w, grads[:3], [torch.zeros_like(w) for w in expected_w], [torch.zeros_like(w) for w in expected_w],
+                   torch.zeros((), device=device), lr, weight_decay, betas=ADAMW["betas"], eps=ADAMW["eps"], targets=expected_t,
+                   momentum=momentum)
+    rows = []
+    for provider, ((run, reset), bytes_per_param) in providers.items():
+        with torch.no_grad():
+            for (w0, t0), w, t in zip(start, weights, targets):
+                w.copy_(w0)
+                t.copy_(t0)
+        reset()
+        run()
+        for actual, wanted in zip(weights[:3] + targets[:3], expected_w + expected_t):
+            torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6, msg=lambda msg: f"adamw_ema: {provider} is wrong: {msg}")
+        rows.append({"op": "adamw_ema", "mode": "step", "model": model, "provider": provider,
+                     "shape": f"{len(shapes)} tensors, {params_count / 1e6:.1f} M params", "dtype": "float32",
+                     "bytes": bytes_per_param * params_count, **timed(run, device, quick)})
     return rows
 
 
@@ -250,11 +358,12 @@ def timed(run, device, quick):
     return {k: round(v, 5) for k, v in times.items()}
 
 
-REFERENCE_PROVIDERS = {"gather": "reference apply_masks", "ema": "reference loop", "attention": "varlen_attn"}
+REFERENCE_PROVIDERS = {"gather": "reference apply_masks", "ema": "reference loop", "adamw_ema": "torch AdamW(fused)+_foreach_lerp_",
+                       "attention": "varlen_attn"}
 
 
 def print_table(rows):
-    header = (f"{'op':<10}{'mode':<9}{'case':<34}{'provider':<30}{'median ms':>11}{'p20':>9}{'p80':>9}"
+    header = (f"{'op':<10}{'mode':<9}{'case':<34}{'provider':<36}{'median ms':>11}{'p20':>9}{'p80':>9}"
               f"{'rate':>16}{'% copy':>8}{'vs ref':>8}")
     print(header)
     print("-" * len(header))
@@ -264,7 +373,7 @@ def print_table(rows):
         speedup = f"{ref / r['median_ms']:7.2f}x" if ref else ""
         rate = f"{r['tflop_s']:.1f} TFLOP/s" if "tflop_s" in r else f"{r['gb_s']:.0f} GB/s"
         pct = f"{r['pct_copy']:8.1f}" if "pct_copy" in r else " " * 8
-        print(f"{r['op']:<10}{r['mode']:<9}{r['model']:<34}{r['provider']:<30}{r['median_ms']:>11.4f}{r['p20_ms']:>9.4f}"
+        print(f"{r['op']:<10}{r['mode']:<9}{r['model']:<34}{r['provider']:<36}{r['median_ms']:>11.4f}{r['p20_ms']:>9.4f}"
               f"{r['p80_ms']:>9.4f}{rate:>16}{pct}{speedup:>8}")
 
 
@@ -274,7 +383,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 runs: checks the script, measures nothing")
     parser.add_argument("--batch-size", type=int, default=None, help="gather batch size (default 128, --quick 4)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="token dtype for the gather (default bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--ops", default="gather,ema,attention", help="comma-separated: gather, ema, attention")
+    parser.add_argument("--ops", default="gather,ema,adamw_ema,attention", help="comma-separated: gather, ema, adamw_ema, attention")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_kernels.jsonl", help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,8 +391,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     B = args.batch_size or (4 if args.quick else 128)
     models = list(QUICK_MODELS if args.quick else MODELS)
     ops = set(args.ops.split(","))
-    if not ops <= {"gather", "ema", "attention"}:
-        parser.error(f"--ops takes gather, ema and/or attention, got {args.ops}")
+    if not ops <= {"gather", "ema", "adamw_ema", "attention"}:
+        parser.error(f"--ops takes gather, ema, adamw_ema and/or attention, got {args.ops}")
 
     copy_gbs = copy_bandwidth_gbs(device, nbytes=(1 << 22) if args.quick else (1 << 30))
     print(f"{hardware(device)}: device-to-device copy {copy_gbs:.0f} GB/s (bytes read + written)")
@@ -293,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_gather(model, B, dtype, device, args.quick)
         if "ema" in ops:
             rows += bench_ema(model, device, args.quick)
+        if "adamw_ema" in ops:
+            rows += bench_adamw_ema(model, device, args.quick)
     if "attention" in ops:
         attention_dtype = dtype if dtype != torch.float32 or device.type == "cpu" else torch.bfloat16
         for name, spec in (QUICK_ATTENTION_CASES if args.quick else ATTENTION_CASES).items():

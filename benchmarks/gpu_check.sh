@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine without network (../shared/ENVIRONMENT.md, "The H200 test
-# machine"): install the project from this checkout, print the GPU and versions, measure the
-# copy-bandwidth and bf16-matmul ceilings, run the GPU tests and the kernel benchmarks, and
-# write everything to one dated results file plus a markdown table:
+# machine"): install the project from this checkout (compiling the CUDA extension), print the
+# GPU and versions, measure the copy-bandwidth and bf16-matmul ceilings, run the GPU tests, the
+# kernel benchmarks and the standalone CUDA benchmarks, and write everything to one dated
+# results file plus a markdown table:
 #
 #     benchmarks/gpu_check.sh        # from anywhere; 5 to 8 minutes on an H200
 #
@@ -41,17 +42,17 @@ stage() {  # stage NAME SECONDS COMMAND...
     [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
-stage install 60 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
-stage versions 20 $PYTHON -c "
+stage install 75 env FASTJEPA_BUILD_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
+stage versions 15 $PYTHON -c "
 import platform, torch, triton
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-stage ceilings 40 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
-stage gpu-tests 120 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
-    tests/test_gather.py tests/test_ema.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
+stage ceilings 30 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
+stage gpu-tests 110 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
+    tests/test_gather.py tests/test_ema.py tests/test_optim.py tests/test_cuda_ext.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
     tests/test_vision_transformer.py tests/test_train_step.py tests/test_ragged.py
-stage tests-summary 30 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
+stage tests-summary 10 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
 import json, sys, datetime, xml.etree.ElementTree as ET
 suite = ET.parse(sys.argv[1]).getroot()
 suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -60,11 +61,15 @@ row = {"bench": "gpu_tests", **{k: int(suite.get(k, 0)) for k in ("tests", "fail
 open(sys.argv[2], "a").write(json.dumps(row) + "\n")
 print(row)
 PY
-stage kernels 60 $PYTHON benchmarks/bench_kernels.py --ops gather,ema --results "$RESULTS"
-stage attention 100 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
-stage step 80 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
-stage report 30 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
-stage figures 30 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
+stage kernels 60 $PYTHON benchmarks/bench_kernels.py --ops gather,ema,adamw_ema --results "$RESULTS"
+# The standalone CUDA benchmarks (csrc/bench/, no Python), one line each.
+stage cuda-benches 45 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD_PYTHON_MODULE=OFF > /dev/null &&
+    cmake --build build/cuda-benches --parallel "$(nproc)" &&
+    for bench in bench_ema bench_adamw_ema bench_gather; do build/cuda-benches/$bench --iters 10 || exit 1; done'
+stage attention 60 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
+stage step 50 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
+stage report 10 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
+stage figures 15 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
 rm -f "$BASE-tests.xml"
 
 echo

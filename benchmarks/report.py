@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-REFERENCES = {"gather": "reference apply_masks", "ema": "reference loop", "attention": "varlen_attn"}
+REFERENCES = {"gather": "reference apply_masks", "ema": "reference loop", "adamw_ema": "torch AdamW(fused)+_foreach_lerp_",
+              "attention": "varlen_attn"}
 
 
 def read_rows(paths) -> list[dict]:

@@ -23,7 +23,7 @@ def backend_or_skip(name: str) -> str:
     return name
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cuda"])
 def backend(request):
     return backend_or_skip(request.param)
 

@@ -31,6 +31,16 @@ def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):
     assert {r["mode"] for r in saved if r["op"] == "gather"} == {"fwd", "bwd", "fwd+bwd"}
 
 
+def test_quick_adamw_ema_rows_check_every_provider_against_the_torch_backend(tmp_path):
+    module = load_script()
+    results = tmp_path / "rows.jsonl"
+    module.main(["--quick", "--ops", "adamw_ema", "--results", str(results)])
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["provider"] for r in saved} >= {"torch AdamW(fused)+_foreach_lerp_", "fastjepa torch"}
+    for r in saved:
+        assert r["op"] == "adamw_ema" and r["bytes"] % 36 == 0 and r["median_ms"] > 0
+
+
 def test_a_wrong_provider_is_caught_before_it_is_timed(tmp_path, monkeypatch):
     module = load_script()
     monkeypatch.setattr(module, "gather_expand", lambda x, idx: module.reference_apply_masks(x, idx) * 1.001)

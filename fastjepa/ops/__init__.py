@@ -6,8 +6,9 @@ from fastjepa.ops.attention import shared_context_attention, varlen_attention
 from fastjepa.ops.backend import BACKENDS, BackendError, forced_backend, use_backend
 from fastjepa.ops.ema import ema_update_
 from fastjepa.ops.gather import gather_tokens, pos_tokens
+from fastjepa.ops.optim import adamw_ema_
 
 __all__ = [
-    "BACKENDS", "BackendError", "ema_update_", "forced_backend", "gather_tokens", "pos_tokens", "shared_context_attention",
-    "use_backend", "varlen_attention",
+    "BACKENDS", "BackendError", "adamw_ema_", "ema_update_", "forced_backend", "gather_tokens", "pos_tokens",
+    "shared_context_attention", "use_backend", "varlen_attention",
 ]

@@ -10,9 +10,10 @@ test tool, never chosen automatically). ``FASTJEPA_BACKEND=torch|triton|cuda`` o
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -93,6 +94,17 @@ def device_problem(name: str, device: torch.device) -> str | None:
             return f"the CUDA extension fastjepa._C is not built ({problem})"
         return None
     raise ValueError(f"unknown backend {name!r}")
+
+
+CUDA_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int32: "int32", torch.int64: "int64"}
+
+
+@contextlib.contextmanager
+def cuda_launch(device: torch.device) -> Iterator[int]:
+    """For a ``fastjepa._C`` call: makes ``device`` current (the kernels launch on the current
+    device) and yields the integer handle of its current stream."""
+    with torch.cuda.device(device):
+        yield torch.cuda.current_stream(device).cuda_stream
 
 
 def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], str | None]], forced: str | None = None) -> str:

@@ -13,7 +13,7 @@
 Inputs may have any strides (the patch embedding's output is a transposed view).
 Indices are int32 or int64 and unique within each (sample, mask): the gather backward
 writes every gradient row of ``x`` once with stores (the reference's masks are unique by
-construction; the triton backward checks it). Bad shapes, dtypes, devices and strides
+construction; the triton and cuda backwards check it). Bad shapes, dtypes, devices and strides
 raise ``ValueError``/``TypeError`` here; index values are checked inside the op (an
 ``IndexError`` on the CPU; on CUDA an asynchronous device assert, so no host sync).
 """
@@ -25,11 +25,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import forced_backend, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, forced_backend, select
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+GATHER, SAME_ROW, ONE_ROW = 0, 1, 2  # where the kernels read a token's source row (kernels/gather.py)
 
 
 # ---------------------------------------------------------------------- validation
@@ -114,13 +115,61 @@ def _num_rows(idx: Tensor, cu_seqlens: Tensor | None) -> int:
 
 
 def _gather_problem(x: Tensor, pos: Tensor | None) -> dict:
-    def triton_problem():
+    def dtype_problem(kernel):
         dtypes = {x.dtype} | ({pos.dtype} if pos is not None else set())
         if not dtypes <= set(KERNEL_DTYPES):
-            return f"the Triton kernel takes float16, bfloat16 and float32 tensors, got {sorted(map(str, dtypes))}"
+            return f"the {kernel} kernel takes float16, bfloat16 and float32 tensors, got {sorted(map(str, dtypes))}"
         return None
 
-    return {"torch": lambda: None, "triton": triton_problem}
+    return {"torch": lambda: None, "triton": lambda: dtype_problem("Triton"), "cuda": lambda: dtype_problem("CUDA")}
+
+
+def _forward_kernel(backend: str):
+    """The forward launcher of a kernel backend, with ``kernels.gather.gather_add_fwd``'s contract."""
+    if backend == "cuda":
+        return _cuda_gather_forward
+    from fastjepa.kernels.gather import gather_add_fwd
+
+    return gather_add_fwd
+
+
+def _cuda_gather_forward(out: Tensor, src: Tensor, pos: Tensor | None, idx: Tensor, token_row: Tensor | None, mode: int, K: int, B: int) -> None:
+    """``kernels.gather.gather_add_fwd``'s contract, run by csrc/gather.cu."""
+    from fastjepa import _C
+
+    T, D = out.shape
+    if src.dim() == 3:
+        src_strides = src.stride()
+    elif src.dim() == 2:
+        src_strides = (0, *src.stride())
+    else:
+        src_strides = (0, 0, src.stride(0))
+    with cuda_launch(out.device) as stream:
+        _C.gather_forward(
+            out.data_ptr(), src.data_ptr(), pos.data_ptr() if pos is not None else 0, idx.data_ptr(),
+            token_row.data_ptr() if token_row is not None else 0,
+            out_dtype=CUDA_DTYPE_NAMES[out.dtype], src_dtype=CUDA_DTYPE_NAMES[src.dtype],
+            pos_dtype=CUDA_DTYPE_NAMES[pos.dtype] if pos is not None else None, idx_dtype=CUDA_DTYPE_NAMES[idx.dtype],
+            mode=mode, tokens=T, dim=D, k=K, batch=B, src_strides=src_strides,
+            pos_strides=pos.stride() if pos is not None else (0, 0), stream=stream,
+        )
+
+
+def _inverse_map(idx: Tensor, rows: Tensor, groups: int, B: int, N: int) -> Tensor:
+    """(groups * B * N,) int32: the token that read each source row under each group (several
+    masks over one batch), -1 where none did. Refuses indices repeated within a sample and mask
+    (the store-based backward would drop their sums): ValueError on the CPU, a device assert on CUDA."""
+    slots = rows * N + idx.reshape(-1)  # slot g * B * N + b * N + n  ==  r * N + n
+    tokens = torch.arange(slots.numel(), device=idx.device, dtype=torch.int32)
+    inv = torch.full((groups * B * N,), -1, device=idx.device, dtype=torch.int32).scatter_(0, slots, tokens)
+    unique = (inv.gather(0, slots) == tokens).all()
+    message = "gather_tokens backward: indices must be unique within each sample and mask"
+    if idx.device.type == "cpu":
+        if not bool(unique):
+            raise ValueError(message)
+    else:
+        torch._assert_async(unique, message)
+    return inv
 
 
 @torch.library.custom_op("fastjepa::gather_tokens", mutates_args=())
@@ -132,13 +181,11 @@ def _gather_tokens(x: Tensor, idx: Tensor, pos: Optional[Tensor], cu_seqlens: Op
     out_shape = (*idx.shape, D)
     dtype = torch.promote_types(x.dtype, pos.dtype) if pos is not None else x.dtype
     backend = select("gather_tokens", x.device, _gather_problem(x, pos))
-    if backend == "triton":
-        from fastjepa.kernels.gather import GATHER, gather_add_fwd
-
+    if backend in ("cuda", "triton"):
         out = torch.empty(out_shape, device=x.device, dtype=dtype)
         token_row = _token_rows(idx, cu_seqlens).to(torch.int32) if cu_seqlens is not None else None
         K = idx.shape[1] if cu_seqlens is None else 1
-        gather_add_fwd(out.view(-1, D), x, pos, idx.reshape(-1), token_row, GATHER, K, B)
+        _forward_kernel(backend)(out.view(-1, D), x, pos, idx.reshape(-1).contiguous(), token_row, GATHER, K, B)
         return out
     flat_idx = idx.reshape(-1).long()
     sample = _token_rows(idx, cu_seqlens) % B
@@ -164,22 +211,23 @@ def _gather_tokens_backward(
     rows = _token_rows(idx, cu_seqlens)
     grad = grad.reshape(-1, D)
     backend = select("gather_tokens", grad.device, _gather_problem(grad, None), forced=forced_backend or None)
-    if backend == "triton":
-        from fastjepa.kernels.gather import gather_bwd
-
+    if backend in ("cuda", "triton"):
         groups = R // B
-        slots = rows * N + idx.reshape(-1)  # slot g * B * N + b * N + n  ==  r * N + n
-        tokens = torch.arange(slots.numel(), device=grad.device, dtype=torch.int32)
-        inv = torch.full((groups * B * N,), -1, device=grad.device, dtype=torch.int32).scatter_(0, slots, tokens)
-        unique = (inv.gather(0, slots) == tokens).all()
-        message = "gather_tokens backward: indices must be unique within each sample and mask"
-        if grad.device.type == "cpu":
-            if not bool(unique):
-                raise ValueError(message)
-        else:
-            torch._assert_async(unique, message)
+        inv = _inverse_map(idx, rows, groups, B, N)
         grad_x = torch.empty((B * N, D), device=grad.device, dtype=dtype)
-        gather_bwd(grad_x, grad.contiguous(), inv, groups)
+        grad = grad.contiguous()
+        if backend == "cuda":
+            from fastjepa import _C
+
+            with cuda_launch(grad.device) as stream:
+                _C.gather_backward(
+                    grad_x.data_ptr(), grad.data_ptr(), inv.data_ptr(), grad_x_dtype=CUDA_DTYPE_NAMES[dtype],
+                    grad_dtype=CUDA_DTYPE_NAMES[grad.dtype], rows=B * N, dim=D, groups=groups, stream=stream,
+                )
+        else:
+            from fastjepa.kernels.gather import gather_bwd
+
+            gather_bwd(grad_x, grad, inv, groups)
         return grad_x.view(B, N, D)
     flat_rows = (rows % B) * N + idx.reshape(-1)
     accumulate = _accumulation_dtype(grad.dtype)
@@ -257,12 +305,10 @@ def _pos_tokens(base: Tensor, idx: Tensor, pos: Tensor) -> Tensor:
     _assert_indices_in_range("pos_tokens", idx, N)
     backend = select("pos_tokens", base.device, _gather_problem(base, pos))
     one_row = base.dim() == 1
-    if backend == "triton":
-        from fastjepa.kernels.gather import ONE_ROW, SAME_ROW, gather_add_fwd
-
+    if backend in ("cuda", "triton"):
         out = torch.empty((*idx.shape, D), device=base.device, dtype=base.dtype)
         src = base if one_row else base.reshape(-1, D)
-        gather_add_fwd(out.view(-1, D), src, pos, idx.reshape(-1), None, ONE_ROW if one_row else SAME_ROW, 1, 1)
+        _forward_kernel(backend)(out.view(-1, D), src, pos, idx.reshape(-1).contiguous(), None, ONE_ROW if one_row else SAME_ROW, 1, 1)
         return out
     return (base + pos[idx.long()]).to(base.dtype)
 

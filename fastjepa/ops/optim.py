@@ -1,0 +1,185 @@
+"""Fused AdamW step and target EMA: ``adamw_ema_``.
+
+``adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups=None, *,
+betas=(0.9, 0.999), eps=1e-8, targets=(), momentum=None, shadows=())`` does, in place:
+
+1. ``step += 1``, then ``torch.optim.AdamW``'s step on every parameter with that step count:
+   decoupled weight decay ``p *= 1 - lr * wd``, ``exp_avg.lerp_(grad, 1 - beta1)``,
+   ``exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad**2``, and
+   ``p -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2**step) + eps)``;
+2. with ``targets``, the EMA of the new parameters: ``target = m * target + (1 - m) * p``
+   (``ema_update_``), and with ``shadows`` the new targets in the shadows' dtype.
+
+``step`` is a 0-d float32 tensor (``AdamW``'s ``state["step"]``); ``lr`` and ``weight_decay``
+are floats or tensors of 1 or G values (one per group) and ``groups[i]`` is the group of
+``params[i]`` (default 0); ``momentum`` a float or a 0-d tensor. Tensors on the device cost
+no host sync, so schedules can change every step.
+
+The torch backend is that math, operation by operation as ``torch.optim.AdamW`` (the
+single-tensor implementation) does it, so on the CPU it equals ``AdamW`` then ``ema_update_``
+bit for bit. The cuda backend (csrc/adamw_ema.cu) does it in one pass over memory: it reads
+grad, param, both moments and target once and writes param, moments, target (and shadow)
+once; the GPU's fused multiply-adds move some results by an ulp.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, select
+from fastjepa.ops.ema import KERNEL_ONLINE_DTYPES, torch_ema_
+
+
+def _cuda_problem(params, grads, exp_avgs, exp_avg_sqs, step, targets, shadows):
+    if step.dtype != torch.float32:
+        return f"the CUDA AdamW+EMA needs a float32 step tensor, got {step.dtype}"
+    if any(t.dtype != torch.float32 for group in (params, grads, exp_avgs, exp_avg_sqs, targets) for t in group):
+        return "the CUDA AdamW+EMA needs float32 parameters, gradients, moments and targets"
+    if len({s.dtype for s in shadows}) > 1 or (shadows and shadows[0].dtype not in KERNEL_ONLINE_DTYPES):
+        return "the CUDA AdamW+EMA writes shadows of one dtype among float32, bfloat16, float16"
+    if not all(t.is_contiguous() for group in (params, grads, exp_avgs, exp_avg_sqs, targets, shadows) for t in group):
+        return "the CUDA AdamW+EMA needs contiguous tensors"
+    return None
+
+
+def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps) -> None:
+    """torch.optim.AdamW's single-tensor step, with the Python-float scalars as fp64 tensors."""
+    s = step.double()
+    bias_correction1 = 1 - beta1**s
+    bias_correction2_sqrt = (1 - beta2**s).sqrt()
+    lr, weight_decay = lr.double(), weight_decay.double()
+    for p, g, exp_avg, exp_avg_sq, k in zip(params, grads, exp_avgs, exp_avg_sqs, groups):
+        p.mul_(1 - lr[k] * weight_decay[k])
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.add_(exp_avg * (-lr[k] / bias_correction1) / denom)  # addcdiv_ with value = -lr / bias_correction1
+
+
+def _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows):
+    from fastjepa import _C
+
+    lr, weight_decay = lr.to(torch.float32).contiguous(), weight_decay.to(torch.float32).contiguous()
+    momentum = momentum.to(torch.float32) if momentum is not None else None
+
+    def addresses(tensors):
+        return [t.data_ptr() for t in tensors]
+
+    with cuda_launch(params[0].device) as stream:
+        _C.adamw_ema(
+            addresses(params), addresses(grads), addresses(exp_avgs), addresses(exp_avg_sqs), addresses(targets), addresses(shadows),
+            [p.numel() for p in params], list(groups),
+            lr=lr.data_ptr(), weight_decay=weight_decay.data_ptr(), num_groups=lr.numel(), step=step.data_ptr(),
+            momentum=momentum.data_ptr() if momentum is not None else 0, beta1=beta1, beta2=beta2, eps=eps,
+            shadow_dtype=CUDA_DTYPE_NAMES[shadows[0].dtype] if shadows else None, stream=stream,
+        )
+
+
+@torch.library.custom_op("fastjepa::adamw_ema_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "step", "targets", "shadows"))
+def _adamw_ema_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: Tensor, lr: Tensor,
+    weight_decay: Tensor, groups: list[int], beta1: float, beta2: float, eps: float, targets: list[Tensor],
+    momentum: Optional[Tensor], shadows: list[Tensor],
+) -> None:
+    with torch.no_grad():
+        step.add_(1)
+        if not params:
+            return
+        problems = {"torch": lambda: None, "cuda": lambda: _cuda_problem(params, grads, exp_avgs, exp_avg_sqs, step, targets, shadows)}
+        if select("adamw_ema_", params[0].device, problems) == "cuda":
+            _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows)
+            return
+        _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps)
+        if targets:
+            torch_ema_(targets, params, momentum, shadows)
+
+
+@_adamw_ema_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows):
+    return None
+
+
+def _device_scalars(op: str, name: str, value: float | Tensor, device: torch.device, allow_vector: bool) -> Tensor:
+    """A float, 0-d or (allow_vector) 1-D float tensor on ``device`` as a 1-D tensor."""
+    if not isinstance(value, Tensor):
+        return torch.full((1,), float(value), device=device, dtype=torch.float32)
+    if not value.is_floating_point() or value.dim() > (1 if allow_vector else 0) or value.numel() == 0:
+        shape = "a 0-d or 1-D" if allow_vector else "a 0-d"
+        raise ValueError(f"{op}: {name} must be a float or {shape} float tensor, got {value.dtype} of shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{op}: {name} is on {value.device} but the parameters are on {device}")
+    return value.reshape(-1)
+
+
+def adamw_ema_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    step: Tensor,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    groups: Sequence[int] | None = None,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    targets: Sequence[Tensor] = (),
+    momentum: float | Tensor | None = None,
+    shadows: Sequence[Tensor] = (),
+) -> None:
+    """AdamW step of ``params`` then EMA into ``targets`` (and ``shadows``): see the module docstring."""
+    op = "adamw_ema_"
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    targets, shadows = list(targets), list(shadows)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if targets:
+        lists["targets"] = targets
+    if shadows:
+        lists["shadows"] = shadows
+    for name, tensors in lists.items():
+        if len(tensors) != len(params):
+            raise ValueError(f"{op}: {len(tensors)} {name} for {len(params)} params (give one per parameter)")
+    if shadows and not targets:
+        raise ValueError(f"{op}: shadows need targets (a shadow holds the new target in its dtype)")
+    if not isinstance(step, Tensor) or step.dim() != 0 or not step.is_floating_point():
+        got = f"{step.dtype} of shape {tuple(step.shape)}" if isinstance(step, Tensor) else type(step).__name__
+        raise ValueError(f"{op}: step must be a 0-d float tensor (AdamW's state['step']), got {got}")
+    device = step.device
+    for name, tensors in {"params": params, **lists}.items():
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but step is on {device}: all tensors must share one device")
+            if t.shape != params[i].shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(params[i].shape)}")
+            if name in ("grads", "exp_avgs", "exp_avg_sqs") and t.dtype != params[i].dtype:
+                raise TypeError(f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {params[i].dtype}")
+    beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{op}: betas must lie in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    lr = _device_scalars(op, "lr", lr, device, allow_vector=True)
+    weight_decay = _device_scalars(op, "weight_decay", weight_decay, device, allow_vector=True)
+    num_groups = max(lr.numel(), weight_decay.numel())
+    if lr.numel() not in (1, num_groups) or weight_decay.numel() not in (1, num_groups):
+        raise ValueError(f"{op}: lr has {lr.numel()} values and weight_decay {weight_decay.numel()}: give each 1 value or one per group")
+    groups = [0] * len(params) if groups is None else [int(g) for g in groups]
+    if len(groups) != len(params):
+        raise ValueError(f"{op}: {len(groups)} groups for {len(params)} params (give one group index per parameter)")
+    if any(not 0 <= g < num_groups for g in groups):
+        raise ValueError(f"{op}: group indices must lie in [0, {num_groups}) (the number of lr / weight_decay values), got {sorted(set(groups))}")
+    if targets and momentum is None:
+        raise ValueError(f"{op}: targets need a momentum")
+    if momentum is not None:
+        momentum = _device_scalars(op, "momentum", momentum, device, allow_vector=False).reshape(())
+    _adamw_ema_(
+        params, grads, exp_avgs, exp_avg_sqs, step, lr.expand(num_groups), weight_decay.expand(num_groups), groups,
+        beta1, beta2, float(eps), targets, momentum, shadows,
+    )
