@@ -42,16 +42,17 @@ stage() {  # stage NAME SECONDS COMMAND...
     [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
-stage install 75 env FASTJEPA_BUILD_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
+stage install 60 env FASTJEPA_BUILD_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
 stage versions 15 $PYTHON -c "
 import platform, torch, triton
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-stage ceilings 30 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
+stage ceilings 25 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
 stage gpu-tests 110 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
     tests/test_gather.py tests/test_ema.py tests/test_optim.py tests/test_cuda_ext.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
-    tests/test_vision_transformer.py tests/test_train_step.py tests/test_ragged.py
+    tests/test_vision_transformer.py tests/test_train_step.py tests/test_ragged.py \
+    tests/test_data_loader.py tests/test_data_torchvision.py tests/test_data_dali.py
 stage tests-summary 10 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
 import json, sys, datetime, xml.etree.ElementTree as ET
 suite = ET.parse(sys.argv[1]).getroot()
@@ -63,13 +64,14 @@ print(row)
 PY
 stage kernels 60 $PYTHON benchmarks/bench_kernels.py --ops gather,ema,adamw_ema --results "$RESULTS"
 # The standalone CUDA benchmarks (csrc/bench/, no Python), one line each.
-stage cuda-benches 45 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD_PYTHON_MODULE=OFF > /dev/null &&
+stage cuda-benches 40 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD_PYTHON_MODULE=OFF > /dev/null &&
     cmake --build build/cuda-benches --parallel "$(nproc)" &&
     for bench in bench_ema bench_adamw_ema bench_gather; do build/cuda-benches/$bench --iters 10 || exit 1; done'
-stage attention 60 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
-stage step 50 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
+stage attention 55 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
+stage data 40 $PYTHON benchmarks/bench_data.py --images 400 --batch-size 128 --workers 8 --epochs 3 --results "$RESULTS"
+stage step 45 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
 stage report 10 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
-stage figures 15 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
+stage figures 10 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
 rm -f "$BASE-tests.xml"
 
 echo

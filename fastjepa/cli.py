@@ -1,12 +1,13 @@
-"""The ``fastjepa`` command line: train, plot, eval, info.
+"""The ``fastjepa`` command line: train, plot, eval, info, data verify.
 
 Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
-loss), 2 bad command line or config, 130 interrupted.
+loss; ``data verify``: bad files found), 2 bad command line or config, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -65,6 +66,25 @@ def _info(args) -> int:
     return 0
 
 
+def _data_verify(args) -> int:
+    from fastjepa.data.images import IMAGE_EXTENSIONS
+    from fastjepa.data.verify import verify_folder
+
+    report = verify_folder(args.folder, move_to=args.move_to, workers=args.workers, progress=not args.no_progress)
+    if report.checked == 0:
+        print(f"fastjepa data: no image files under {args.folder} (extensions {', '.join(IMAGE_EXTENSIONS)}, any case)", file=sys.stderr)
+        return 1
+    moved = dict(report.moved)
+    for path, reason in report.bad:
+        print(f"{path}: {reason}" + (f" (moved to {moved[path]})" if path in moved else ""))
+    ignored = f"; {len(report.ignored)} files without an image extension not checked (training does not read them)" if report.ignored else ""
+    if report.bad:
+        print(f"{len(report.bad)} of {report.checked} image files are bad" + (f", moved to {args.move_to}" if report.moved else "") + ignored)
+        return 1
+    print(f"all {report.checked} image files decode{ignored}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -111,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print versions, devices and which backends are usable here")
     info.set_defaults(run=_info)
+
+    data = commands.add_parser("data", help="check image folders before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    verify = data_commands.add_parser(
+        "verify", help="list the image files training cannot decode; exit 1 when there are any",
+        description="Decode every image file under DIR (header, end marker, PIL verify, full decode) and list the bad ones. "
+                    "Exit code 0 when all decode, 1 when some do not (or DIR holds no image).")
+    verify.add_argument("folder", metavar="DIR")
+    verify.add_argument("--move-to", metavar="DIR", help="move the bad files there, under their paths relative to DIR (nothing is deleted)")
+    verify.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: one per CPU core)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar (shown on stderr from 1000 files)")
+    verify.set_defaults(run=_data_verify)
     return parser
 
 

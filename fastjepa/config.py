@@ -46,8 +46,11 @@ def _fraction_pair(pair):
     return 0 < pair[0] <= pair[1] <= 1
 
 
+DATA_BACKENDS = ("auto", "dali", "torchvision", "pil")  # fastjepa.data.loader
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
+        "backend": Key("str", "auto", lambda v: v in DATA_BACKENDS, f"one of {', '.join(DATA_BACKENDS)}"),
         "batch_size": Key("int", 128, _positive, ">= 1 (images per process)"),
         "color_jitter_strength": Key("float", 0.0, _non_negative, ">= 0"),
         "crop_scale": Key("pair", [0.3, 1.0], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),

@@ -9,6 +9,7 @@ import platform
 import torch
 
 import fastjepa
+from fastjepa.data.loader import AUGMENTATIONS_ONLY_PIL, backend_problem, resolve_backend
 from fastjepa.ops.backend import device_problem, import_problem
 
 
@@ -42,6 +43,13 @@ def backends() -> dict[str, str]:
         found["dali"] = f"not usable: NVIDIA DALI is not installed ({dali_problem})"
     else:
         found["dali"] = "usable (GPU pipelines)" if has_gpu else "usable (CPU pipelines only: no GPU)"
+
+    torchvision_problem = backend_problem("torchvision", device)
+    if torchvision_problem:
+        found["torchvision"] = f"not usable: {torchvision_problem}"
+    else:
+        found["torchvision"] = "usable (decode_jpeg on the GPU)" if has_gpu else "usable (decode_jpeg on the CPU)"
+    found["data.backend auto"] = resolve_backend("auto", device, {key: False for key in AUGMENTATIONS_ONLY_PIL})
     return found
 
 
@@ -53,6 +61,7 @@ def collect() -> dict[str, dict[str, str]]:
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "numpy": _version("numpy") or "not installed",
         "triton": _version("triton") or "not installed",
+        "torchvision": _version("torchvision") or "not installed",
         "nvidia-dali": next(filter(None, (_version(d) for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120"))), "not installed"),
     }
     if torch.cuda.is_available():

@@ -7,6 +7,7 @@ import os
 import torch
 
 from fastjepa.config import mask_sampler
+from fastjepa.data.loader import resolve_backend
 from fastjepa.flops import step_flops_per_image
 from fastjepa.helper import init_model
 
@@ -49,6 +50,8 @@ def describe(config: dict, device=None) -> str:
     predictor_values = rows * (k_context + k_target) * meta["pred_depth"] * meta["pred_emb_dim"]
     activation_gb = data["batch_size"] * (context_values + predictor_values) * saved_per_token * value_bytes / 1e9
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = resolve_backend(data["backend"], device, data)
     root = data_root(config)
     files = _count_files(root)
     samples = None if files is None else files * data["repeat"]
@@ -61,11 +64,12 @@ def describe(config: dict, device=None) -> str:
         f"(means over {MASK_BATCHES} sampled batches of {data['batch_size']})",
         f"  FLOPs / image  {flops.total / 1e9:.1f} GFLOP per step: target forward {flops.target_forward / 1e9:.1f}, "
         f"context forward+backward {flops.context_forward_backward / 1e9:.1f}, predictor forward+backward {flops.predictor_forward_backward / 1e9:.1f}",
-        f"  data           {root}: " + ("not found" if files is None else f"{files} files (listed, not read) x{data['repeat']} per epoch"),
+        f"  data           {root}: " + ("not found" if files is None else f"{files} files (listed, not read) x{data['repeat']} per epoch")
+        + f", backend {backend}" + (" (auto)" if data["backend"] == "auto" else ""),
         f"  steps          {ipe} per epoch x {opt['epochs']} epochs = {ipe * opt['epochs']} (batch {data['batch_size']} per process)"
         if ipe else f"  steps          unknown until the data folder exists (batch {data['batch_size']} per process)",
         f"  memory         about {state_gb:.1f} GB of weights and optimizer state + {activation_gb:.1f} GB of activations "
         f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate)",
-        f"  device         {device or ('cuda' if torch.cuda.is_available() else 'cpu')}",
+        f"  device         {device}",
     ]
     return "\n".join(lines)

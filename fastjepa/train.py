@@ -15,12 +15,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fastjepa.config import ConfigError, find_key, mask_sampler, tiny_preset, validate
-from fastjepa.data import ImageDataset, SeededSampler, collate_images, make_transforms
-from fastjepa.data.normalize import normalize
+from fastjepa.config import ConfigError, find_key, tiny_preset, validate
+from fastjepa.data.loader import make_loader
 from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
@@ -110,7 +108,7 @@ class TrainResult:
     losses: list[float]  # one per step taken by this call
     latest_checkpoint: Path | None
     images_per_second: float
-    skipped_images: int  # unreadable files met while training
+    skipped_images: int  # image files left out: failing the header check at start (once), or a decode (each time met)
 
 
 def context_length(mask: torch.Tensor | PackedMasks) -> int:
@@ -203,13 +201,8 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
 
-    dataset = ImageDataset(data_root(config), make_transforms(
-        data["crop_size"], tuple(data["crop_scale"]), data["use_horizontal_flip"], data["use_color_distortion"],
-        data["color_jitter_strength"], data["use_gaussian_blur"]))
-    samples_per_epoch = len(dataset) * data["repeat"]
-    ipe = samples_per_epoch // data["batch_size"]
-    if ipe == 0:
-        raise ConfigError(f"data.batch_size {data['batch_size']} is larger than the {samples_per_epoch} images of an epoch in {data_root(config)}")
+    loader = make_loader(config, device, seed, data_root(config))
+    ipe = loader.steps_per_epoch
 
     torch.manual_seed(seed)
     encoder, predictor = init_model(device, mask["patch_size"], meta["model_name"], data["crop_size"], meta["pred_depth"], meta["pred_emb_dim"])
@@ -218,7 +211,6 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
         encoder, predictor, ipe, opt_cfg["start_lr"], opt_cfg["lr"], opt_cfg["warmup"], opt_cfg["epochs"],
         opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], meta["use_bfloat16"], opt_cfg["ipe_scale"])
     momentum_scheduler = momentum_schedule(opt_cfg["ema"], ipe, opt_cfg["epochs"], opt_cfg["ipe_scale"])
-    sampler = mask_sampler(config)
 
     start_epoch, start_itr = 0, 0
     checkpoint_path = _resolve_resume(resume, resume_preempt, config, folder)
@@ -259,35 +251,27 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
     first_step = start_epoch * ipe + start_itr
     if max_steps is not None:
         total_steps = min(total_steps, first_step + max_steps)
-    print(f"fastjepa train: {meta['model_name']} on {device.type}, {len(dataset)} images x{data['repeat']} "
-          f"({ipe} steps per epoch), output folder: {folder}")
-    if dataset.skipped_files:
-        print(f"skipping {len(dataset.skipped_files)} files that are not images (e.g. {dataset.skipped_files[0]})")
+    print(f"fastjepa train: {meta['model_name']} on {device.type}, {loader.num_images} images x{data['repeat']} "
+          f"({ipe} steps per epoch, data backend {loader.backend}), output folder: {folder}")
+    if loader.skipped_files:
+        print(f"skipping {len(loader.skipped_files)} files that are not images (e.g. {loader.skipped_files[0]})")
 
-    losses, skipped, images_seen, saved = [], 0, 0, None
+    losses, skipped, images_seen, saved = [], len(loader.rejected), 0, None
     step = first_step
     bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    order = SeededSampler(samples_per_epoch, seed, dataset_size=len(dataset))
-    loader = DataLoader(dataset, batch_size=data["batch_size"], sampler=order, num_workers=data["num_workers"],
-                        pin_memory=data["pin_mem"] and device.type == "cuda", drop_last=True, collate_fn=collate_images,
-                        persistent_workers=data["num_workers"] > 0)  # workers live across epochs
     try:
         for epoch in range(start_epoch, opt_cfg["epochs"]):
             if step >= total_steps:
                 break
-            order.set_epoch(epoch)
             first_itr = start_itr if epoch == start_epoch else 0
-            order.skip(first_itr * data["batch_size"])
             epoch_losses = []
             tick = time.perf_counter()
-            for itr, (images, _, bad) in enumerate(loader, start=first_itr):
+            # images normalised on the device; masks drawn one step ahead, seeded by (seed, step)
+            for itr, (images, masks_enc, masks_pred, bad) in enumerate(loader.epoch(epoch, first_itr, step), start=first_itr):
                 skipped += bad
                 if len(images) == 0:
                     continue
-                generator = torch.Generator().manual_seed((seed << 32) + step)
-                masks_enc, masks_pred = sampler.sample(len(images), generator=generator, device=device, ragged=mask["ragged"])
-                images = normalize(images.to(device, non_blocking=True))
                 result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
                                     momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow,
                                     meta["shared_context_predictor"])

@@ -17,7 +17,7 @@ from fastjepa.data import (
     make_eval_transform,
     make_transforms,
 )
-from fastjepa.data.images import random_resized_crop_box
+from fastjepa.data.images import random_resized_crop_box, random_resized_crop_boxes
 
 SHIPPED_PHOTOS = 12
 
@@ -357,3 +357,47 @@ def test_sampler_skip_resumes_the_same_epoch():
         sampler.skip(21)
     with pytest.raises(ValueError, match="num_samples"):
         SeededSampler(0, seed=0)
+
+
+def test_sampler_shards_disjoint_equal_and_rank_0_of_1_is_unsharded():
+    whole = SeededSampler(23, seed=4, dataset_size=10)
+    whole.set_epoch(2)
+    positions = []
+    for rank in range(3):
+        shard = SeededSampler(23, seed=4, dataset_size=10, rank=rank, world_size=3)
+        shard.set_epoch(2)
+        assert len(shard) == 7 and shard.per_rank == 7  # 23 // 3: the last 2 positions go to no rank
+        items = list(shard)
+        assert items == [list(whole)[p] for p in shard.positions()]  # same indices and seeds as unsharded
+        positions += list(shard.positions())
+        shard.skip(3)
+        assert list(shard) == items[3:]
+    assert sorted(positions) == list(range(21))  # disjoint, every rank the same count
+    assert list(SeededSampler(23, seed=4, dataset_size=10, rank=0, world_size=1)) == list(SeededSampler(23, seed=4, dataset_size=10))
+    with pytest.raises(ValueError, match="rank"):
+        SeededSampler(10, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="each of 4 ranks"):
+        SeededSampler(3, seed=0, world_size=4)
+
+
+def test_batched_crop_boxes_follow_scale_and_ratio_like_the_scalar_version():
+    widths, heights = np.array([500, 375, 40, 3000, 10] * 400), np.array([375, 500, 40, 10, 3000] * 400)
+    g = torch.Generator().manual_seed(0)
+    left, top, w, h = random_resized_crop_boxes(widths, heights, g, (0.3, 1.0))
+    assert (left >= 0).all() and (top >= 0).all() and (left + w <= widths).all() and (top + h <= heights).all()
+    assert (w >= 1).all() and (h >= 1).all()
+    normal = np.arange(len(widths)) % 5 < 3  # images on which a try always fits sooner or later
+    area = w * h / (widths * heights)
+    assert (area[normal] > 0.3 - 0.05).all() and (area[normal] <= 1.0 + 0.05).all()
+    assert (w[normal] / h[normal] > 3 / 4 - 0.1).all() and (w[normal] / h[normal] < 4 / 3 + 0.1).all()
+    # a 3000 x 10 strip never fits a crop of ratio <= 4/3 covering 30%: the clamped central crop, as the scalar version
+    strip = np.arange(len(widths)) % 5 == 3
+    assert {(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(left[strip], top[strip], w[strip], h[strip])} == {
+        random_resized_crop_box(3000, 10, torch.Generator().manual_seed(0), (0.3, 1.0))}
+    again = random_resized_crop_boxes(widths, heights, torch.Generator().manual_seed(0), (0.3, 1.0))
+    assert all((a == b).all() for a, b in zip((left, top, w, h), again))
+    # the same distribution as the scalar version: mean area fraction and offsets spread over the image
+    scalar = [random_resized_crop_box(500, 375, torch.Generator().manual_seed(s), (0.3, 1.0)) for s in range(400)]
+    scalar_area = np.mean([c * d / (500 * 375) for _, _, c, d in scalar])
+    assert abs(area[::5].mean() - scalar_area) < 0.05
+    assert left[::5].max() > 150 and top[::5].max() > 100

@@ -14,6 +14,7 @@ from PIL import Image
 from fastjepa.cli import main as cli
 from fastjepa.config import tiny_preset
 from fastjepa.data import default_photos_dir
+from fastjepa.data.loader import backend_problem
 from fastjepa.helper import read_checkpoint
 from fastjepa.train import CSV_COLUMNS, fit, main
 
@@ -85,7 +86,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
     (data / "truncated.png").write_bytes(good[: len(good) // 3])
     (data / "notes.txt").write_text("not an image")
     (data / "fake.jpg").write_text("not a jpeg either")
-    result = fit(out=tmp_path / "run", root_path=str(data), **{**SMALL, "batch_size": 5, "epochs": 2})
+    result = fit(out=tmp_path / "run", root_path=str(data), **{**SMALL, "batch_size": 5, "epochs": 2, "backend": "pil"})
     assert result.steps == 4 and result.skipped_images >= 1  # 10 image files -> 2 steps per epoch
     out = capsys.readouterr().out
     assert "1 files that are not images" in out and "unreadable images skipped" in out
@@ -212,3 +213,21 @@ def test_empty_override_sets_an_empty_path():
     config = {}
     apply_override(config, "data.image_folder=")
     assert validate(config)["data"]["image_folder"] == ""
+
+
+@pytest.mark.skipif(backend_problem("dali", torch.device("cpu")) is not None, reason="NVIDIA DALI is not importable")
+def test_dali_backend_trains_and_resumes_exactly(tmp_path, capsys):
+    small = dict(SMALL, backend="dali", use_horizontal_flip=True)
+    straight = fit(out=tmp_path / "straight", max_steps=5, **small)
+    assert "data backend dali" in capsys.readouterr().out
+    fit(out=tmp_path / "split", max_steps=2, **small)
+    resumed = fit(out=tmp_path / "split", max_steps=3, resume="latest", **small)
+    assert straight.losses[2:] == resumed.losses and len(resumed.losses) == 3
+    a = read_checkpoint(tmp_path / "straight" / "jepa-latest.pth.tar")
+    b = read_checkpoint(tmp_path / "split" / "jepa-latest.pth.tar")
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
+
+
+def test_auto_backend_is_pil_on_the_cpu(tmp_path, capsys):
+    fit(out=tmp_path, max_steps=1, device="cpu", **SMALL)
+    assert "data backend pil" in capsys.readouterr().out

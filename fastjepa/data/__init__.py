@@ -1,4 +1,5 @@
-"""Image data: folders of images, augmentations, seeded sampling, device-side normalisation."""
+"""Image data: folders of images, augmentations, seeded sampling, device-side normalisation.
+The training pipelines (pil, dali, torchvision) are in ``fastjepa.data.loader``."""
 
 from .images import (
     IMAGE_EXTENSIONS,

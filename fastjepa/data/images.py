@@ -142,6 +142,34 @@ def random_resized_crop_box(width: int, height: int, g: torch.Generator, scale=(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def random_resized_crop_boxes(widths, heights, g: torch.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``random_resized_crop_box`` for a whole batch in array operations: the same
+    distribution (10 tries, then the clamped central crop), other draws. ``widths`` and
+    ``heights`` are integer arrays of the images' sizes; returns (left, top, w, h), four
+    int64 arrays."""
+    widths, heights = np.asarray(widths, dtype=np.int64), np.asarray(heights, dtype=np.int64)
+    n, tries = len(widths), 10
+    u = torch.rand((3, n, tries), generator=g, dtype=torch.float64).numpy()
+    target_area = (widths * heights)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_low + (log_high - log_low) * u[1])
+    w = np.round(np.sqrt(target_area * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target_area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first, rows = fits.argmax(axis=1), np.arange(n)
+    w, h, found = w[rows, first], h[rows, first], fits.any(axis=1)
+    # the fallback: a central crop with the image's aspect ratio clamped into ratio
+    image_aspect = widths / heights
+    fallback_w = np.where(image_aspect > ratio[1], np.round(heights * ratio[1]), widths).astype(np.int64)
+    fallback_h = np.where(image_aspect < ratio[0], np.round(widths / ratio[0]), heights).astype(np.int64)
+    w, h = np.where(found, w, fallback_w), np.where(found, h, fallback_h)
+    # offsets uniform over [0, size - crop] (u[2]'s first two tries), central for the fallback
+    left = np.minimum((u[2, :, 0] * (widths - w + 1)).astype(np.int64), widths - w)
+    top = np.minimum((u[2, :, 1] * (heights - h + 1)).astype(np.int64), heights - h)
+    left, top = np.where(found, left, (widths - w) // 2), np.where(found, top, (heights - h) // 2)
+    return left, top, w, h
+
+
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     """Rotate the hue by ``shift`` turns (shift in [-0.5, 0.5] covers the circle)."""
     hue, sat, val = img.convert("HSV").split()
@@ -335,7 +363,7 @@ def mix_seed(*values: int) -> int:
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """Yields ``(index, sample_seed)`` pairs for ``ImageDataset``.
+    """Yields ``(index, sample_seed)`` pairs for ``ImageDataset``, sharded by rank.
 
     An epoch has num_samples positions over indices in range(dataset_size) (default
     num_samples). The order is a run of passes, each a permutation of
@@ -345,22 +373,34 @@ class SeededSampler(torch.utils.data.Sampler):
     sample_seed = mix_seed(seed, e, p). The same seed and epoch give the same indices
     and the same augmentations on any machine.
 
-    Resuming: ``skip(n)`` drops the first n positions of the current epoch (positions
-    and seeds of the rest are unchanged). A skip belongs to its epoch: ``set_epoch``
-    with another epoch clears it, with the same epoch keeps it.
+    Sharding: rank r of world_size gets positions r, r + world_size, r + 2 * world_size,
+    ... and every rank the same count, num_samples // world_size (the last
+    num_samples % world_size positions are left out), so the ranks see disjoint
+    positions and run the same number of steps. rank 0 of 1 gets every position.
+
+    Resuming: ``skip(n)`` drops the first n positions of this rank's current epoch
+    (positions and seeds of the rest are unchanged). A skip belongs to its epoch:
+    ``set_epoch`` with another epoch clears it, with the same epoch keeps it.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, dataset_size: int | None = None):
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, dataset_size: int | None = None,
+                 rank: int = 0, world_size: int = 1):
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if dataset_size is None:
             dataset_size = num_samples
         if int(dataset_size) != dataset_size or dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        if int(world_size) != world_size or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank!r} of {world_size!r}")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples per epoch cannot give each of {world_size} ranks one")
         self.num_samples = int(num_samples)
         self.dataset_size = int(dataset_size)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.per_rank = self.num_samples // self.world_size
         self.epoch = 0
         self.start = 0
 
@@ -370,22 +410,26 @@ class SeededSampler(torch.utils.data.Sampler):
         self.epoch = int(epoch)
 
     def skip(self, n: int) -> None:
-        if int(n) != n or not 0 <= n <= self.num_samples:
-            raise ValueError(f"can skip 0 to {self.num_samples} samples, got {n!r}")
+        if int(n) != n or not 0 <= n <= self.per_rank:
+            raise ValueError(f"can skip 0 to {self.per_rank} samples, got {n!r}")
         self.start = int(n)
 
     def order(self) -> list[int]:
-        """The full index order of the current epoch (skipped positions included)."""
+        """The full index order of the current epoch, every rank's positions (skipped ones included)."""
         passes = -(-self.num_samples // self.dataset_size)
         if not self.shuffle:
             return (list(range(self.dataset_size)) * passes)[: self.num_samples]
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.cat([torch.randperm(self.dataset_size, generator=g) for _ in range(passes)])[: self.num_samples].tolist()
 
+    def positions(self) -> range:
+        """This rank's remaining positions in the epoch's order."""
+        return range(self.rank + self.start * self.world_size, self.per_rank * self.world_size, self.world_size)
+
     def __iter__(self):
         order = self.order()
-        for position in range(self.start, self.num_samples):
+        for position in self.positions():
             yield order[position], mix_seed(self.seed, self.epoch, position)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return self.per_rank - self.start

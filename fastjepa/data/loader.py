@@ -1,0 +1,193 @@
+"""One interface over the image pipelines, chosen by ``data.backend``.
+
+    loader = make_loader(config, device, seed, root, rank=0, world_size=1)
+    loader.steps_per_epoch                      # the same on every rank
+    for images, masks_enc, masks_pred, bad in loader.epoch(epoch, start_itr, first_step):
+        ...                                     # images already normalised on the device
+
+Backends (each in its own module):
+
+* ``pil`` (``fastjepa/data/pil.py``): PIL decoding and the reference's augmentations in
+  DataLoader workers, every draw seeded per sample; the default on a machine without GPU.
+* ``dali`` (``fastjepa/data/dali.py``): NVIDIA DALI, decoding (nvJPEG on a GPU, libjpeg-turbo
+  on the CPU), crop, resize, flip and normalisation in one DALI graph.
+* ``torchvision`` (``fastjepa/data/torchvision_gpu.py``): file reads in DataLoader workers,
+  batched ``torchvision.io.decode_jpeg`` on the GPU, crop, resize and flip on the GPU.
+
+``auto`` takes dali on a GPU when DALI imports, else torchvision on a GPU when it imports,
+else pil. The dali and torchvision backends do the crop, resize and flip; the colour and
+blur switches (off in every reference config) need pil.
+
+What every backend shares: the image order (``SeededSampler``: a seeded permutation per
+epoch, sharded by rank with equal counts, so every rank runs ``steps_per_epoch`` steps), the
+skip of the first ``start_itr`` batches of an epoch without reading them (exact mid-epoch
+resume), and the masks: step s draws them from a generator seeded with (seed << 32) + s, one
+step ahead (``MaskStream``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from fastjepa.config import ConfigError, mask_sampler
+from fastjepa.data.images import SeededSampler, mix_seed
+from fastjepa.masks.multiblock import MultiBlockMaskSampler
+from fastjepa.ops.backend import import_problem
+
+AUGMENTATIONS_ONLY_PIL = ("use_color_distortion", "use_gaussian_blur")  # switches only the pil backend implements
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (n, 3, crop, crop) float32, normalised, on the device; n = 0 when no file of the batch decoded
+    masks_enc: list | None  # None when n = 0
+    masks_pred: list | None
+    bad: int  # files of this batch that could not be decoded and were left out
+
+
+def backend_problem(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
+    if name == "dali":
+        problem = import_problem("nvidia.dali.plugin.pytorch")
+        return f"NVIDIA DALI is not importable ({problem}); pip install 'fastjepa[dali]'" if problem else None
+    if name == "torchvision":
+        problem = import_problem("torchvision.io")
+        return f"torchvision is not importable ({problem}); install the torchvision build of your torch" if problem else None
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device, data: dict) -> str:
+    """The backend ``data.backend: requested`` runs on ``device``; ``ConfigError`` when it cannot."""
+    needs_pil = [key for key in AUGMENTATIONS_ONLY_PIL if data[key]]
+    if requested == "auto":
+        if device.type == "cuda" and not needs_pil:
+            for name in ("dali", "torchvision"):
+                if backend_problem(name, device) is None:
+                    return name
+        return "pil"
+    if needs_pil and requested != "pil":
+        raise ConfigError(f"data.backend {requested} does not implement data.{needs_pil[0]}; use data.backend: pil")
+    problem = backend_problem(requested, device)
+    if problem:
+        raise ConfigError(f"data.backend {requested}: {problem}")
+    return requested
+
+
+class MaskStream:
+    """The masks of consecutive training steps, drawn one step ahead.
+
+    ``take(n)`` returns step s's masks for a batch of n images and starts drawing step
+    s + 1's for a full batch in a background thread, so the draw and the copy to the
+    device overlap the training step. Step s draws from a generator seeded with
+    (seed << 32) + s: the values do not depend on the prefetch. A batch of another size
+    (a file of it failed) draws its masks on the spot, from the same seed."""
+
+    def __init__(self, sampler: MultiBlockMaskSampler, seed: int, first_step: int, batch_size: int, device: torch.device, ragged: bool):
+        self.sampler, self.seed, self.step = sampler, int(seed), int(first_step)
+        self.batch_size, self.device, self.ragged = batch_size, device, ragged
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastjepa-masks")
+        self.ahead = self.pool.submit(self._draw, self.step, batch_size)
+
+    def _draw(self, step: int, n: int):
+        generator = torch.Generator().manual_seed((self.seed << 32) + step)
+        return self.sampler.sample(n, generator=generator, device=self.device, ragged=self.ragged)
+
+    def take(self, n: int):
+        """(masks_enc, masks_pred) of the next step, for a batch of n images."""
+        if n == self.batch_size:
+            masks = self.ahead.result()
+        else:
+            self.ahead.cancel()  # drawn for a full batch
+            masks = self._draw(self.step, n)
+        self.step += 1
+        self.ahead = self.pool.submit(self._draw, self.step, self.batch_size)
+        return masks
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ImageLoader:
+    """What every backend shares: the seeded, sharded order, the epoch length, the mask
+    stream. A backend implements ``_batches(epoch, start_itr)``: the remaining batches of
+    the epoch as (images on the device, bad count), reading only this rank's files from
+    ``self.order`` (already set to the epoch, its first start_itr batches skipped)."""
+
+    backend = ""
+
+    def __init__(self, config: dict, root: str, paths: list[str], device, seed: int, rank: int, world_size: int,
+                 skipped_files: list[str], rejected: list[tuple[str, str]]):
+        data, mask = config["data"], config["mask"]
+        self.root = root
+        self.skipped_files = skipped_files  # files without an image extension, never read
+        self.rejected = rejected  # (path, reason): image files left out before training (header check)
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.batch_size, self.crop_size = data["batch_size"], data["crop_size"]
+        self.crop_scale = tuple(data["crop_scale"])
+        self.flip = data["use_horizontal_flip"]
+        self.num_workers = data["num_workers"]
+        self.sampler, self.ragged = mask_sampler(config), mask["ragged"]
+        self.num_images = len(paths)
+        self.order = SeededSampler(len(paths) * data["repeat"], seed, dataset_size=len(paths), rank=rank, world_size=world_size)
+        self.steps_per_epoch = self.order.per_rank // self.batch_size
+        if self.steps_per_epoch == 0:
+            ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+            raise ConfigError(f"data.batch_size {self.batch_size} is larger than the {self.order.per_rank} images of an epoch{ranks} in {root}")
+
+    def epoch(self, epoch: int, start_itr: int, first_step: int) -> Iterator[Batch]:
+        """Batches start_itr .. steps_per_epoch - 1 of ``epoch``; the first is training step
+        ``first_step`` (it seeds the masks). The skipped batches are not read."""
+        if not 0 <= start_itr <= self.steps_per_epoch:
+            raise ValueError(f"start_itr must be in [0, {self.steps_per_epoch}], got {start_itr}")
+        self.order.set_epoch(epoch)
+        self.order.skip(start_itr * self.batch_size)
+        masks = None
+        try:
+            for images, bad in self._batches(epoch, start_itr):
+                if masks is None:  # started once the first batch is in: DataLoader workers fork before this thread exists
+                    masks = MaskStream(self.sampler, self.seed, first_step, self.batch_size, self.device, self.ragged)
+                if len(images) == 0:
+                    yield Batch(torch.empty((0, 3, self.crop_size, self.crop_size), device=self.device), None, None, bad)
+                else:
+                    yield Batch(images, *masks.take(len(images)), bad)
+        finally:
+            if masks is not None:
+                masks.close()
+
+    def epoch_items(self) -> list[tuple[int, int]]:
+        """(index, sample seed) of this rank's remaining samples of the epoch, in whole batches."""
+        return list(self.order)[: self.steps_per_epoch * self.batch_size - self.order.start]
+
+    def crop_generator(self, epoch: int, itr: int) -> torch.Generator:
+        """The generator of batch itr's crops and flips (backends that draw a whole batch at once)."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, itr))
+
+    def flips(self, n: int, generator: torch.Generator) -> np.ndarray:
+        """Which of n images to mirror: each with p = 0.5 when flipping is on."""
+        draws = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
+        return (draws < 0.5) if self.flip else np.zeros(n, dtype=bool)
+
+    def _batches(self, epoch: int, start_itr: int):
+        raise NotImplementedError
+
+
+def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1) -> ImageLoader:
+    """The loader of ``config``'s ``data.backend`` over the images under root (see
+    ``list_images``) for this rank."""
+    device = torch.device(device)
+    backend = resolve_backend(config["data"]["backend"], device, config["data"])
+    if backend == "pil":
+        from fastjepa.data.pil import PilLoader
+
+        return PilLoader(config, root, device, seed, rank, world_size)
+    if backend == "dali":
+        from fastjepa.data.dali import DaliLoader
+
+        return DaliLoader(config, root, device, seed, rank, world_size)
+    from fastjepa.data.torchvision_gpu import TorchvisionLoader
+
+    return TorchvisionLoader(config, root, device, seed, rank, world_size)

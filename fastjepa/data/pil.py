@@ -1,0 +1,32 @@
+"""``data.backend: pil``: PIL decoding and the reference's augmentations in DataLoader workers.
+
+Every random draw of a sample comes from its own seed (``SeededSampler``), so the images do
+not depend on the number of workers; uint8 batches move to the device and are normalised
+there. A file that fails to decode is left out of its batch and counted (``Batch.bad``).
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from fastjepa.data.images import ImageDataset, collate_images, make_transforms
+from fastjepa.data.loader import ImageLoader
+from fastjepa.data.normalize import normalize
+
+
+class PilLoader(ImageLoader):
+    backend = "pil"
+
+    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1):
+        data = config["data"]
+        self.dataset = ImageDataset(root, make_transforms(
+            data["crop_size"], tuple(data["crop_scale"]), data["use_horizontal_flip"], data["use_color_distortion"],
+            data["color_jitter_strength"], data["use_gaussian_blur"]))
+        super().__init__(config, root, self.dataset.paths, device, seed, rank, world_size, self.dataset.skipped_files, [])
+        self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.order, num_workers=self.num_workers,
+                                 pin_memory=data["pin_mem"] and self.device.type == "cuda", drop_last=True,
+                                 collate_fn=collate_images, persistent_workers=self.num_workers > 0)  # workers live across epochs
+
+    def _batches(self, epoch: int, start_itr: int):
+        for images, _, bad in self.loader:
+            yield (normalize(images.to(self.device, non_blocking=True)) if len(images) else images), bad

@@ -1,0 +1,89 @@
+"""``fastjepa data verify DIR``: the image files under DIR that training cannot use.
+
+Every file with an image extension gets three checks: the header check the DALI and
+torchvision backends run at start (``fastjepa.data.scan``: a known image header, an end
+marker for JPEG and PNG), PIL's ``verify`` (the file's structure, and the CRCs of PNG
+chunks) and a full decode to RGB, as the pil backend does. A file that passes all three
+decodes in every backend. Files without an image extension are never read by training;
+they are counted, not checked. Bad files can be moved aside (never deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from fastjepa.data.images import _walk_files, is_image_file, load_rgb
+from fastjepa.data.scan import BadImage, check_file
+
+PROGRESS_FROM = 1000  # files: a progress bar from this many on
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0  # image files checked
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (from, to)
+
+
+def verify_file(path: str) -> str | None:
+    """Why training cannot use the image file at path (None when it can)."""
+    try:
+        check_file(path)
+        with Image.open(path) as img:
+            img.verify()
+        load_rgb(path)
+    except BadImage as e:
+        return str(e)
+    except Exception as e:  # PIL raises many kinds of errors on damaged files
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def verify_folder(root: str, move_to: str | None = None, workers: int = 1, progress: bool = True) -> VerifyReport:
+    """Check every image file under root (in ``workers`` processes); move the bad ones
+    to ``move_to`` under their path relative to root when given."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{root!r} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root!r} is not a directory")
+    if move_to is not None and Path(move_to).resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"the folder for bad files {move_to!r} is inside {root!r}, where training would read them; choose one outside it")
+    report = VerifyReport()
+    paths = []
+    for rel in _walk_files(root):
+        (paths if is_image_file(rel) else report.ignored).append(os.path.join(root, rel))
+    report.checked = len(paths)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            problems = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(verify_file, paths, chunksize=32)
+        else:
+            problems = map(verify_file, paths)
+        bar = tqdm(problems, total=len(paths), unit="file", desc="verify", file=sys.stderr,
+                   disable=not progress or len(paths) < PROGRESS_FROM)
+        report.bad = [(path, problem) for path, problem in zip(paths, bar) if problem is not None]
+    if move_to is not None:
+        report.moved = [(path, _move_aside(path, root, move_to)) for path, _ in report.bad]
+    return report
+
+
+def _move_aside(path: str, root: str, move_to: str) -> str:
+    """Move path to move_to/<path relative to root>, never over an existing file."""
+    target = Path(move_to) / os.path.relpath(path, root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = target, 0
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.name}.{n}")
+    shutil.move(path, candidate)
+    return str(candidate)

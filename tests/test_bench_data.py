@@ -1,0 +1,37 @@
+"""benchmarks/bench_data.py --quick: every pipeline that can run here runs and writes a well-formed row."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from fastjepa.data.loader import backend_problem
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_one_row_per_pipeline(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    rows = load_script().main(["--quick", "--results", str(results), "--images-dir", str(tmp_path / "images")])
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(saved) == len(rows)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = {"reference-style", "pil"}
+    if backend_problem("dali", torch.device(device)) is None:
+        expected |= {f"dali-{device}", f"dali-random-crop-{device}"}
+    if backend_problem("torchvision", torch.device(device)) is None:
+        expected.add(f"torchvision-{device}")
+    assert {r["pipeline"] for r in saved} == expected
+    for r in saved:
+        assert r["img_s"] > 0 and r["timed_images"] == 8 and r["workers"] == 1 and r["quick"] is True
+        assert r["vs_reference"] == round(r["img_s"] / next(s["img_s"] for s in saved if s["pipeline"] == "reference-style"), 2)
+        assert r["command"].startswith("python benchmarks/bench_data.py --quick") and r["device"] == device
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == 12

@@ -1,0 +1,240 @@
+"""The loader interface every data backend implements (pil, dali, torchvision), on the CPU:
+batches of normalised images with their masks, sharding, determinism, mid-epoch resume,
+bad files; the backend choice and the masks drawn one step ahead."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastjepa.data.loader as loader_module
+from fastjepa.config import ConfigError, mask_sampler, validate
+from fastjepa.data.loader import MaskStream, backend_problem, make_loader, resolve_backend
+from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
+
+CPU = torch.device("cpu")
+
+
+def data_config(root, backend, **data):
+    return validate({
+        "data": {"backend": backend, "batch_size": 4, "crop_size": 48, "num_workers": 0, "pin_mem": False, "repeat": 1,
+                 "root_path": str(root), "image_folder": "", **data},
+        "mask": {"patch_size": 8, "min_keep": 1},
+    })
+
+
+def fake_decode_jpegs(encoded, device):
+    """torchvision.io.decode_jpeg's contract, with PIL: one failing file fails the call."""
+    images = []
+    for data in encoded:
+        try:
+            image = Image.open(io.BytesIO(data.numpy().tobytes()))
+            image.load()
+        except Exception as error:
+            raise RuntimeError(f"fake decode_jpeg: {error}") from error
+        images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous().to(device))
+    return images
+
+
+@pytest.fixture(params=["pil", "dali", "torchvision"])
+def backend(request, monkeypatch):
+    """Each backend; torchvision's decoder is replaced by a PIL stand-in when torchvision is not installed."""
+    name = request.param
+    if name == "dali" and backend_problem("dali", CPU):
+        pytest.skip(f"dali backend: {backend_problem('dali', CPU)}")
+    if name == "torchvision" and backend_problem("torchvision", CPU):
+        import fastjepa.data.torchvision_gpu as torchvision_gpu
+
+        real = loader_module.backend_problem
+        monkeypatch.setattr(loader_module, "backend_problem", lambda n, d: None if n == "torchvision" else real(n, d))
+        monkeypatch.setattr(torchvision_gpu, "decode_jpegs", fake_decode_jpegs)
+    return name
+
+
+def epoch(loader, e, start_itr=0, first_step=None):
+    first_step = e * loader.steps_per_epoch + start_itr if first_step is None else first_step
+    return list(loader.epoch(e, start_itr, first_step))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and x.bad == y.bad
+        assert all(torch.equal(m, n) for m, n in zip(x.masks_enc + x.masks_pred, y.masks_enc + y.masks_pred))
+
+
+def test_an_epoch_is_normalised_images_with_their_step_masks(tmp_path, backend):
+    write_colour_images(tmp_path, 12)
+    config = data_config(tmp_path, backend)
+    loader = make_loader(config, CPU, seed=3, root=str(tmp_path))
+    assert loader.backend == backend and loader.num_images == 12 and loader.steps_per_epoch == 3
+    batches = epoch(loader, 1, first_step=7)
+    assert len(batches) == 3
+    seen = []
+    for step, batch in enumerate(batches, start=7):
+        assert batch.images.shape == (4, 3, 48, 48) and batch.images.dtype == torch.float32 and batch.bad == 0
+        seen += identify(batch.images)
+        expected = mask_sampler(config).sample(4, generator=torch.Generator().manual_seed((3 << 32) + step))
+        assert all(torch.equal(m, n) for m, n in zip(batch.masks_enc + batch.masks_pred, expected[0] + expected[1]))
+    assert sorted(seen) == list(range(12))  # every image once, each decoded to its own colour
+    for i, image in zip(identify(batches[0].images), batches[0].images):
+        pixels = (image * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) * 255
+        assert (pixels - torch.tensor(colour(i), dtype=torch.float32).view(3, 1, 1)).abs().max() < 4  # colours, RGB order
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_differ(tmp_path, backend):
+    write_colour_images(tmp_path, 12)
+    config = data_config(tmp_path, backend, use_horizontal_flip=True)
+    first = epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 0)
+    assert_same_batches(first, epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 0))
+    order = [identify(b.images) for b in first]
+    assert order != [identify(b.images) for b in epoch(make_loader(config, CPU, seed=6, root=str(tmp_path)), 0)]
+    assert order != [identify(b.images) for b in epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 1)]
+
+
+def test_worker_processes_or_threads_do_not_change_the_batches(tmp_path, backend):
+    """num_workers: DataLoader processes (pil, torchvision) or DALI threads; the mask thread must
+    not exist when the DataLoader forks its workers (a fork beside a busy thread can deadlock)."""
+    write_colour_images(tmp_path, 12)
+    alone = make_loader(data_config(tmp_path, backend, use_horizontal_flip=True), CPU, seed=0, root=str(tmp_path))
+    helped = make_loader(data_config(tmp_path, backend, use_horizontal_flip=True, num_workers=2), CPU, seed=0, root=str(tmp_path))
+    for e in range(2):
+        assert_same_batches(epoch(alone, e), epoch(helped, e))
+
+
+def reads(backend, monkeypatch):
+    """A list that grows by one for every image file the backend reads."""
+    count = []
+    if backend == "pil":
+        import fastjepa.data.images as images
+
+        real = images.load_rgb
+        monkeypatch.setattr(images, "load_rgb", lambda path: count.append(path) or real(path))
+    elif backend == "dali":
+        from fastjepa.data.dali import DaliLoader
+
+        real = DaliLoader._pipeline
+        monkeypatch.setattr(DaliLoader, "_pipeline", lambda self, files, windows: count.extend(files) or real(self, files, windows))
+    else:
+        from fastjepa.data.torchvision_gpu import _Files
+
+        real = _Files.__getitem__
+        monkeypatch.setattr(_Files, "__getitem__", lambda self, i: count.append(i) or real(self, i))
+    return count
+
+
+def test_mid_epoch_resume_equals_the_uninterrupted_epoch_and_reads_only_the_rest(tmp_path, backend, monkeypatch):
+    write_colour_images(tmp_path, 16)
+    config = data_config(tmp_path, backend, use_horizontal_flip=True, repeat=2)  # 8 steps per epoch
+    whole = epoch(make_loader(config, CPU, seed=1, root=str(tmp_path)), 2)
+    resumed = make_loader(config, CPU, seed=1, root=str(tmp_path))
+    count = reads(backend, monkeypatch)
+    tail = epoch(resumed, 2, start_itr=5)
+    assert len(count) == 3 * 4  # the skipped batches were not read
+    assert_same_batches(whole[5:], tail)
+    assert epoch(resumed, 2, start_itr=8) == []
+
+
+def test_two_ranks_read_disjoint_images_in_equal_numbers_of_steps(tmp_path, backend):
+    write_colour_images(tmp_path, 11)  # 11 images, 2 ranks, batch 2: 5 images per rank, 2 steps each
+    config = data_config(tmp_path, backend, batch_size=2)
+    ranks = [make_loader(config, CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
+    assert [r.steps_per_epoch for r in ranks] == [2, 2]
+    for e in range(3):
+        seen = [[i for b in epoch(r, e) for i in identify(b.images)] for r in ranks]
+        assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+    with pytest.raises(ConfigError, match="larger than the 1 images of an epoch on each of 8 ranks in "):
+        make_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path), rank=0, world_size=8)
+
+
+def test_bad_files_are_skipped_and_counted_never_fatal(tmp_path, backend):
+    write_colour_images(tmp_path, 7)  # + 5 bad files: whole batches of 2 in every backend
+    bad = write_bad_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    loader = make_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path))
+    assert loader.skipped_files == [str(tmp_path / "notes.txt")]
+    for e in range(2):
+        batches = epoch(loader, e)
+        good = sorted(i for b in batches if len(b.images) for i in identify(b.images))
+        skipped = len(loader.rejected) + sum(b.bad for b in batches)
+        assert good == list(range(7)) and skipped == len(bad)  # every bad file left out once per epoch
+        assert all(b.masks_enc is None and b.images.shape == (0, 3, 48, 48) for b in batches if len(b.images) == 0)
+    if backend != "pil":  # the header check found all but the complete, undecodable JPEG
+        assert sorted(p for p, _ in loader.rejected) == sorted(p for n, p in bad.items() if n != "undecodable.jpg")
+
+
+def test_grayscale_cmyk_png_and_16_bit_images_decode_in_every_backend(tmp_path, backend):
+    write_every_mode(tmp_path)
+    loader = make_loader(data_config(tmp_path, backend, batch_size=3), CPU, seed=0, root=str(tmp_path))
+    batches = epoch(loader, 0)
+    assert not loader.rejected and sum(b.bad for b in batches) == 0
+    assert sum(len(b.images) for b in batches) == 6 and all(torch.isfinite(b.images).all() for b in batches)
+
+
+def test_an_empty_folder_is_a_clear_error(tmp_path, backend):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="empty dataset: no images under"):
+        make_loader(data_config(tmp_path, backend), CPU, seed=0, root=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------- masks
+
+
+def test_mask_stream_gives_the_trainers_masks_whatever_the_batch_sizes():
+    config = data_config("/nonexistent", "pil")
+    sampler = mask_sampler(config)
+
+    def direct(step, n, ragged=False):
+        return sampler.sample(n, generator=torch.Generator().manual_seed((9 << 32) + step), ragged=ragged)
+
+    stream = MaskStream(sampler, seed=9, first_step=40, batch_size=4, device=CPU, ragged=False)
+    for step, n in zip(range(40, 46), [4, 4, 3, 4, 1, 4]):  # partial batches draw on the spot
+        got, expected = stream.take(n), direct(step, n)
+        assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], expected[0] + expected[1]))
+    stream.close()
+    ragged = MaskStream(sampler, seed=9, first_step=3, batch_size=4, device=CPU, ragged=True)
+    got, expected = ragged.take(4), direct(3, 4, ragged=True)
+    assert torch.equal(got[0][0].index, expected[0][0].index) and got[0][0].lengths == expected[0][0].lengths
+    ragged.close()
+
+
+# ---------------------------------------------------------------------------------- choice
+
+
+def test_auto_is_pil_on_the_cpu_and_dali_then_torchvision_on_a_gpu(monkeypatch):
+    data = validate({})["data"]
+    assert resolve_backend("auto", CPU, data) == "pil"
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None)
+    assert resolve_backend("auto", gpu, data) == "dali"
+    monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: "missing" if name == "dali" else None)
+    assert resolve_backend("auto", gpu, data) == "torchvision"
+    monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None if name == "pil" else "missing")
+    assert resolve_backend("auto", gpu, data) == "pil"
+    with pytest.raises(ConfigError, match="^data.backend dali: missing$"):
+        resolve_backend("dali", CPU, data)
+    assert resolve_backend("pil", gpu, data) == "pil"
+
+
+def test_colour_and_blur_need_the_pil_backend(monkeypatch):
+    monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None)
+    data = validate({"data": {"use_color_distortion": True}})["data"]
+    assert resolve_backend("auto", torch.device("cuda"), data) == "pil"
+    with pytest.raises(ConfigError, match="data.backend dali does not implement data.use_color_distortion; use data.backend: pil"):
+        resolve_backend("dali", torch.device("cuda"), data)
+
+
+def test_backend_key_is_validated_with_one_line():
+    assert validate({})["data"]["backend"] == "auto"
+    with pytest.raises(ConfigError, match="^data.backend must be one of auto, dali, torchvision, pil, got 'nvjpeg'$"):
+        validate({"data": {"backend": "nvjpeg"}})
+
+
+def test_missing_backend_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader_module, "import_problem", lambda module: "ModuleNotFoundError: no such module")
+    with pytest.raises(ConfigError, match=r"data.backend dali: NVIDIA DALI is not importable .*pip install 'fastjepa\[dali\]'"):
+        make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.backend torchvision: torchvision is not importable"):
+        make_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
