@@ -24,6 +24,15 @@ def _config_from_args(args) -> dict:
     return config
 
 
+def _profile_steps(text: str) -> tuple[int, int]:
+    from fastjepa.profiling import parse_profile_steps
+
+    try:
+        return parse_profile_steps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _train(args) -> int:
     from fastjepa.config import validate
 
@@ -36,7 +45,8 @@ def _train(args) -> int:
     from fastjepa.train import main
 
     main(config, device=args.device, out=args.out, max_steps=args.max_steps, seed=args.seed, resume=args.resume,
-         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+         checkpoint_every=args.checkpoint_every, progress=not args.no_progress, profile_steps=args.profile_steps,
+         torch_profiler=args.torch_profiler)
     return 0
 
 
@@ -109,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
     train.add_argument("--dry-run", action="store_true", help="check the config and print the plan (sizes, FLOPs, memory); read no data")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile-steps", type=_profile_steps, metavar="A:B",
+                       help="cudaProfilerStart/Stop around global steps A..B-1 (nsys --capture-range=cudaProfilerApi), NVTX range per step")
+    train.add_argument("--torch-profiler", metavar="DIR",
+                       help="torch.profiler over the --profile-steps range (default 2:5): Chrome trace in DIR, top kernels printed")
     train.set_defaults(run=_train)
 
     plot = commands.add_parser("plot", help="draw a run's loss, lr, momentum and throughput curves to PNG")

@@ -23,6 +23,7 @@ from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoi
 from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
+from fastjepa.profiling import StepProfiler
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.utils.tensors import repeat_interleave_batch
 
@@ -184,7 +185,8 @@ def _resolve_resume(resume, resume_preempt: bool, config: dict, folder: Path) ->
 
 
 def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max_steps: int | None = None, seed: int = 0,
-         resume: str | None = None, checkpoint_every: int | None = None, progress: bool = True) -> TrainResult:
+         resume: str | None = None, checkpoint_every: int | None = None, progress: bool = True,
+         profile_steps: tuple[int, int] | None = None, torch_profiler: str | None = None) -> TrainResult:
     """Pretrain I-JEPA as the reference's ``src.train.main`` does, from a config dict of
     the reference's YAML schema. ``resume``: a checkpoint path or "latest" (in the run
     folder). ``max_steps`` stops early (after writing a checkpoint)."""
@@ -258,6 +260,7 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
 
     losses, skipped, images_seen, saved = [], len(loader.rejected), 0, None
     step = first_step
+    profiler = StepProfiler(device, profile_steps, torch_profiler)
     bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     try:
@@ -272,10 +275,11 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 skipped += bad
                 if len(images) == 0:
                     continue
-                result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
-                                    momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow,
-                                    meta["shared_context_predictor"])
-                loss = result.loss.item()
+                with profiler.step(step):
+                    result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
+                                        momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow,
+                                        meta["shared_context_predictor"])
+                    loss = result.loss.item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {itr} (global step {step}); "
                                              f"stopping without writing a checkpoint from this state")
@@ -312,6 +316,7 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
         raise
     finally:
         bar.close()
+        profiler.close(step)
         log.close()
         if board is not None:
             board.close()
@@ -338,13 +343,13 @@ def _print_summary(result: TrainResult, elapsed: float) -> None:
     print("\n".join(lines))
 
 
-TRAIN_OPTIONS = ("device", "out", "max_steps", "seed", "resume", "checkpoint_every", "progress")
+TRAIN_OPTIONS = ("device", "out", "max_steps", "seed", "resume", "checkpoint_every", "progress", "profile_steps", "torch_profiler")
 
 
 def fit(**keys) -> TrainResult:
     """One call: the tiny preset with any config key overridden by name (``fit(model_name="vit_small",
     epochs=3, root_path="/data/photos")``) plus the trainer's options (device, out, max_steps, seed,
-    resume, checkpoint_every, progress)."""
+    resume, checkpoint_every, progress, profile_steps, torch_profiler)."""
     options = {name: keys.pop(name) for name in TRAIN_OPTIONS if name in keys}
     config = tiny_preset()
     for name, value in keys.items():

@@ -1,0 +1,100 @@
+"""Profiling a training run over a range of steps.
+
+``--profile-steps A:B`` brackets global steps A..B-1 with cudaProfilerStart/Stop, so that
+``nsys profile --capture-range=cudaProfilerApi -t cuda,nvtx fastjepa train ...`` records just
+those steps; every step is an NVTX range "step N" (the ``nvtx`` package when installed, else
+torch's, on CUDA). ``--torch-profiler DIR`` runs ``torch.profiler`` over the same steps
+(2:5 when no range is given), writes a Chrome trace to DIR and prints the top kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+DEFAULT_TORCH_PROFILER_STEPS = (2, 5)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B) with 0 <= A < B."""
+    try:
+        first, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--profile-steps takes A:B (global steps, A < B), got {text!r}") from None
+    if not 0 <= first < end:
+        raise ValueError(f"--profile-steps takes A:B with 0 <= A < B, got {text!r}")
+    return first, end
+
+
+def _nvtx_range(device: torch.device):
+    try:
+        import nvtx
+
+        return nvtx.annotate
+    except ImportError:
+        return torch.cuda.nvtx.range if device.type == "cuda" else None
+
+
+class StepProfiler:
+    """``with profiler.step(n): ...`` around every training step; ``close()`` at the end."""
+
+    def __init__(self, device: torch.device, steps: tuple[int, int] | None = None, torch_profiler: str | Path | None = None):
+        self.device = device
+        self.cuda_range = steps if device.type == "cuda" else None
+        self.torch_dir = Path(torch_profiler) if torch_profiler is not None else None
+        self.torch_range = (steps or DEFAULT_TORCH_PROFILER_STEPS) if self.torch_dir is not None else None
+        self.nvtx = _nvtx_range(device) if steps is not None else None
+        self.profile = None
+        self.ranges_seen = set()
+        if steps is not None and device.type != "cuda":
+            print("--profile-steps: no CUDA device, so no cudaProfilerStart/Stop (the torch profiler still works)")
+
+    @contextlib.contextmanager
+    def step(self, n: int):
+        for name, (first, _) in (("cuda", self.cuda_range or (-1, -1)), ("torch", self.torch_range or (-1, -1))):
+            if n == first:
+                self._start(name)
+        with self.nvtx(f"step {n}") if self.nvtx else contextlib.nullcontext():
+            yield
+        for name, (_, end) in (("cuda", self.cuda_range or (-1, -1)), ("torch", self.torch_range or (-1, -1))):
+            if n + 1 == end:
+                self._stop(name, n)
+
+    def _start(self, name: str) -> None:
+        self.ranges_seen.add(name)
+        if name == "cuda":
+            torch.cuda.profiler.start()
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.start()
+
+    def _stop(self, name: str, n: int) -> None:
+        if name not in self.ranges_seen:
+            return
+        self.ranges_seen.discard(name)
+        if name == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            return
+        self.profile.stop()
+        self.torch_dir.mkdir(parents=True, exist_ok=True)
+        first, end = self.torch_range
+        trace = self.torch_dir / f"trace-steps-{first}-{end}.json"
+        self.profile.export_chrome_trace(str(trace))
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        print(self.profile.key_averages().table(sort_by=sort, row_limit=15))
+        print(f"torch profiler: steps {first}..{end - 1}, Chrome trace {trace} (open in chrome://tracing or ui.perfetto.dev)")
+        self.profile = None
+
+    def close(self, last_step: int) -> None:
+        """Stop a range the run ended inside; say when a range was never reached."""
+        for name in sorted(self.ranges_seen):
+            self._stop(name, last_step)
+        for name, bounds in (("--profile-steps", self.cuda_range), ("--torch-profiler", self.torch_range)):
+            if bounds is not None and last_step < bounds[0]:
+                print(f"{name}: the run ended at step {last_step}, before step {bounds[0]}: nothing was profiled")
