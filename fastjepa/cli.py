@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
-                       help="continue from a checkpoint (default: the run folder's -latest checkpoint)")
+                       help="continue from a checkpoint: PATH, latest (the default: the run folder's -latest checkpoint) "
+                            "or auto (latest when it exists, else a fresh start: for requeued jobs)")
     train.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
     train.add_argument("--dry-run", action="store_true", help="check the config and print the plan (sizes, FLOPs, memory); read no data")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

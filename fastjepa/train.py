@@ -7,6 +7,8 @@ import copy
 import csv
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,32 @@ def context_length(mask: torch.Tensor | PackedMasks) -> int:
     return mask.shape[1]
 
 
+class PreemptionNotice:
+    """Records SIGTERM or SIGUSR1 (a cluster's preemption notice; SLURM sends one before it
+    kills or requeues a job) instead of dying, so the trainer finishes its step, writes the
+    checkpoint and returns normally (exit code 0). Only the main thread can install signal
+    handlers; elsewhere nothing is installed. ``restore()`` puts the previous handlers back."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self.previous[number] = signal.signal(number, self._record)
+
+    def _record(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -178,8 +206,9 @@ def _resolve_resume(resume, resume_preempt: bool, config: dict, folder: Path) ->
         resume = config["meta"]["read_checkpoint"] or "latest"
     if resume is None:
         return None
-    if resume == "latest":
-        return folder / f"{config['logging']['write_tag']}-latest.pth.tar"
+    if resume in ("latest", "auto"):
+        latest = folder / f"{config['logging']['write_tag']}-latest.pth.tar"
+        return latest if resume == "latest" or latest.exists() else None  # auto: a fresh start when none exists
     path = Path(resume)
     return path if path.is_absolute() or path.exists() else folder / path
 
@@ -188,13 +217,15 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
          resume: str | None = None, checkpoint_every: int | None = None, progress: bool = True,
          profile_steps: tuple[int, int] | None = None, torch_profiler: str | None = None) -> TrainResult:
     """Pretrain I-JEPA as the reference's ``src.train.main`` does, from a config dict of
-    the reference's YAML schema. ``resume``: a checkpoint path or "latest" (in the run
-    folder). ``max_steps`` stops early (after writing a checkpoint)."""
+    the reference's YAML schema. ``resume``: a checkpoint path, "latest" (in the run
+    folder) or "auto" (latest when it exists, else a fresh start: for requeued jobs).
+    ``max_steps`` stops early (after writing a checkpoint). SIGTERM or SIGUSR1 (a cluster's
+    preemption notice) finishes the current step, writes the checkpoint and returns."""
     config = validate(args)
     device = torch.device(device) if device is not None else default_device()
     data, mask, meta, opt_cfg = config["data"], config["mask"], config["meta"], config["optimization"]
     tag = config["logging"]["write_tag"]
-    resume_path = Path(resume) if resume not in (None, "latest") else None
+    resume_path = Path(resume) if resume not in (None, "latest", "auto") else None
     folder = Path(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))
     folder.mkdir(parents=True, exist_ok=True)
     config["logging"]["folder"] = str(folder)
@@ -261,11 +292,12 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
     losses, skipped, images_seen, saved = [], len(loader.rejected), 0, None
     step = first_step
     profiler = StepProfiler(device, profile_steps, torch_profiler)
+    preemption = PreemptionNotice()
     bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, opt_cfg["epochs"]):
-            if step >= total_steps:
+            if step >= total_steps or preemption.received:
                 break
             first_itr = start_itr if epoch == start_epoch else 0
             epoch_losses = []
@@ -297,13 +329,13 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
-                stop, mid_epoch = step >= total_steps, itr + 1 < ipe  # the epoch's end saves below
+                stop, mid_epoch = step >= total_steps or preemption.received, itr + 1 < ipe  # the epoch's end saves below
                 if mid_epoch and (stop or (checkpoint_every is not None and step % checkpoint_every == 0)):
                     save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
                     saved = latest
                 if stop and mid_epoch:
                     break
-            else:
+            else:  # the epoch ran to its end
                 average = sum(epoch_losses) / max(len(epoch_losses), 1)
                 save(epoch + 1, 0, average)
                 saved = latest
@@ -315,12 +347,16 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
         print(f"\ninterrupted at step {step}; the last complete checkpoint: {last}")
         raise
     finally:
+        preemption.restore()
         bar.close()
         profiler.close(step)
         log.close()
         if board is not None:
             board.close()
 
+    if preemption.received:
+        print(f"\n{preemption.received} received: stopped after step {step} with the checkpoint {latest}; "
+              f"continue with --resume auto (or resume='auto')")
     elapsed = time.perf_counter() - started
     result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped)
     _print_summary(result, elapsed)

@@ -231,3 +231,40 @@ def test_dali_backend_trains_and_resumes_exactly(tmp_path, capsys):
 def test_auto_backend_is_pil_on_the_cpu(tmp_path, capsys):
     fit(out=tmp_path, max_steps=1, device="cpu", **SMALL)
     assert "data backend pil" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signal_name, after_steps", [("SIGTERM", 2), ("SIGUSR1", 3)], ids=["mid-epoch", "epoch-end"])
+def test_preemption_signal_checkpoints_and_resume_auto_continues_exactly(tmp_path, monkeypatch, capsys, signal_name, after_steps):
+    import os
+    import signal
+
+    import fastjepa.train as train_module
+
+    straight = fit(out=tmp_path / "straight", max_steps=6, **SMALL)
+    number = getattr(signal, signal_name)
+    handler_before = signal.getsignal(number)
+    real_step, calls = train_module.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == after_steps:
+            os.kill(os.getpid(), number)  # the trainer's handler records it; the step finishes
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+    first = fit(out=tmp_path / "split", max_steps=6, **SMALL)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert first.steps == after_steps and f"{signal_name} received: stopped after step {after_steps}" in capsys.readouterr().out
+    assert signal.getsignal(number) == handler_before  # the trainer put the previous handler back
+    resumed = fit(out=tmp_path / "split", max_steps=6 - after_steps, resume="auto", **SMALL)
+    assert first.losses + resumed.losses == straight.losses
+    a = read_checkpoint(tmp_path / "straight" / "jepa-latest.pth.tar")
+    b = read_checkpoint(tmp_path / "split" / "jepa-latest.pth.tar")
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    result = fit(out=tmp_path / "fresh", max_steps=1, resume="auto", **SMALL)
+    assert result.steps == 1 and (tmp_path / "fresh" / "jepa-latest.pth.tar").exists()
