@@ -49,9 +49,9 @@ from fastjepa.data.normalize import normalize  # noqa: E402
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
-from fastjepa.masks.utils import PackedMasks, stack_masks  # noqa: E402
+from fastjepa.masks.utils import PackedMasks  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
-from fastjepa.ops import ema_update_, gather_tokens  # noqa: E402
+from fastjepa.train import target_tokens, update_target  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
 # name -> (model, patch, crop, batch): the published configs' per-GPU batch for ViT-H
@@ -219,9 +219,7 @@ class Step:
                     h = F.layer_norm(reference_encoder(self.target, imgs), (self.target.embed_dim,))
                     h = repeat_interleave_batch(_reference_apply_masks(h, masks_pred), self.batch, len(masks_enc))
                 else:
-                    h = F.layer_norm(self.target_forward(imgs), (self.target.embed_dim,))
-                    index = repeat_interleave_batch(stack_masks(masks_pred, self.batch), self.batch, len(masks_enc))
-                    h = gather_tokens(h, index)
+                    h = target_tokens(self.target_forward, imgs, len(masks_enc), masks_pred)
             with phase("context forward"):
                 if self.source:
                     z = self.encoder(imgs, masks_enc)
@@ -251,10 +249,8 @@ class Step:
                 with torch.no_grad():
                     for t, o in zip(self.targets, self.onlines):
                         t.mul_(m).add_((1.0 - m) * o.detach())
-            elif self.shadow is not None:
-                self.shadow.update_(m)
             else:
-                ema_update_(self.targets, self.onlines, m)
+                update_target(self.target, self.encoder, m, self.shadow)
         if self.reference:  # the reference's per-step host syncs
             loss.item()
             if self.device.type == "cuda":

@@ -37,6 +37,12 @@ def latest(rows, key) -> list[dict]:
     return list(kept.values())
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_kernels(rows, path: Path) -> bool:
     rows = latest([r for r in rows if r.get("bench") == "bench_kernels" and not r.get("quick")],
                   lambda r: (r["hardware"], r["op"], r["mode"], r["model"], r["provider"]))
@@ -70,9 +76,7 @@ def plot_kernels(rows, path: Path) -> bool:
         ax.set_ylabel("% of measured copy bandwidth")
         ax.set_xticks(range(len(bandwidth)), labels, rotation=75, ha="right", fontsize=6)
     fig.suptitle(f"kernels on {rows[0]['hardware']} ({rows[-1]['date']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -90,9 +94,7 @@ def plot_step(rows, throughput_path: Path, phases_path: Path) -> bool:
     ax.set_ylabel("images/s")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_title(f"training step on {rows[0]['hardware']} ({rows[-1]['date']})")
-    fig.tight_layout()
-    fig.savefig(throughput_path, dpi=120)
-    plt.close(fig)
+    _save(fig, throughput_path)
 
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 5))
     bottom = [0.0] * len(rows)
@@ -104,9 +106,7 @@ def plot_step(rows, throughput_path: Path, phases_path: Path) -> bool:
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.legend(fontsize=7)
     ax.set_title("one step, by phase")
-    fig.tight_layout()
-    fig.savefig(phases_path, dpi=120)
-    plt.close(fig)
+    _save(fig, phases_path)
     return True
 
 

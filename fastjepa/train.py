@@ -38,6 +38,25 @@ class StepResult:
     momentum: float
 
 
+@torch.no_grad()
+def target_tokens(target_encoder, imgs, num_context_masks: int, masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The targets: the target encoder's output after a LayerNorm without affine (eps 1e-5),
+    gathered at every target block and repeated once per context mask (mask-major)."""
+    h = target_encoder(imgs)
+    h = F.layer_norm(h, (h.size(-1),))
+    B = len(imgs)
+    target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=num_context_masks)
+    return gather_tokens(h, target_index.to(h.device))
+
+
+def update_target(target_encoder, encoder, momentum: float, target_shadow: Bf16Shadow | None = None) -> None:
+    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is one)."""
+    if target_shadow is not None:
+        target_shadow.update_(momentum)
+    else:
+        ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
+
+
 def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor],
               shared_context_predictor: bool = False) -> torch.Tensor:
     """Smooth-L1 (beta 1, mean) between the predictor's output and the target
@@ -48,12 +67,7 @@ def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torc
     predictor's shared-context layout (``meta.shared_context_predictor``). The target
     masks and the loss are the same in every mode."""
     masks_enc = _as_list(masks_enc)
-    with torch.no_grad():
-        h = target_encoder(imgs)
-        h = F.layer_norm(h, (h.size(-1),))
-        B = len(imgs)
-        target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=len(masks_enc))
-        h = gather_tokens(h, target_index.to(h.device))
+    h = target_tokens(target_encoder, imgs, len(masks_enc), masks_pred)
     extra = {"shared_context": True} if shared_context_predictor else {}  # a reference predictor takes no such keyword
     z = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred, **extra)
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
@@ -91,10 +105,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     momentum = next(momentum_scheduler)
-    if target_shadow is not None:
-        target_shadow.update_(momentum)
-    else:
-        ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
+    update_target(target_encoder, encoder, momentum, target_shadow)
     return StepResult(loss.detach(), lr, wd, momentum)
 
 

@@ -1,26 +1,18 @@
 """benchmarks/bench_data.py --quick: every pipeline that can run here runs and writes a well-formed row."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from fastjepa.data.loader import backend_problem
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_writes_one_row_per_pipeline(tmp_path):
     results = tmp_path / "rows.jsonl"
-    rows = load_script().main(["--quick", "--results", str(results), "--images-dir", str(tmp_path / "images")])
+    rows = load_benchmark("bench_data").main(["--quick", "--results", str(results), "--images-dir", str(tmp_path / "images")])
     saved = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(saved) == len(rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,22 +1,14 @@
 """benchmarks/bench_kernels.py --quick: every provider runs, is checked against the reference
 idiom, and one well-formed row per (op, mode, model, provider) is written."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+from conftest import load_benchmark
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):
-    module = load_script()
+    module = load_benchmark("bench_kernels")
     results = tmp_path / "rows.jsonl"
     rows = module.main(["--quick", "--ops", "gather,ema", "--results", str(results)])
     saved = [json.loads(line) for line in results.read_text().splitlines()]
@@ -32,7 +24,7 @@ def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):
 
 
 def test_quick_adamw_ema_rows_check_every_provider_against_the_torch_backend(tmp_path):
-    module = load_script()
+    module = load_benchmark("bench_kernels")
     results = tmp_path / "rows.jsonl"
     module.main(["--quick", "--ops", "adamw_ema", "--results", str(results)])
     saved = [json.loads(line) for line in results.read_text().splitlines()]
@@ -42,7 +34,7 @@ def test_quick_adamw_ema_rows_check_every_provider_against_the_torch_backend(tmp
 
 
 def test_a_wrong_provider_is_caught_before_it_is_timed(tmp_path, monkeypatch):
-    module = load_script()
+    module = load_benchmark("bench_kernels")
     monkeypatch.setattr(module, "gather_expand", lambda x, idx: module.reference_apply_masks(x, idx) * 1.001)
     try:
         module.main(["--quick", "--ops", "gather", "--results", str(tmp_path / "rows.jsonl")])
@@ -54,7 +46,7 @@ def test_a_wrong_provider_is_caught_before_it_is_timed(tmp_path, monkeypatch):
 
 
 def test_quick_attention_rows_check_against_the_reference_and_count_flops(tmp_path):
-    module = load_script()
+    module = load_benchmark("bench_kernels")
     results = tmp_path / "rows.jsonl"
     module.main(["--quick", "--ops", "attention", "--results", str(results)])
     saved = [json.loads(line) for line in results.read_text().splitlines()]
@@ -65,7 +57,7 @@ def test_quick_attention_rows_check_against_the_reference_and_count_flops(tmp_pa
 
 
 def test_attention_flop_count_follows_the_flashattention_convention():
-    module = load_script()
+    module = load_benchmark("bench_kernels")
     import torch
 
     case = module.AttentionCase("c", torch.zeros(10, 2, 8), None, None, [3, 7], 0)

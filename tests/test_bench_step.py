@@ -1,24 +1,17 @@
 """benchmarks/bench_step.py: the quick run, and the reference-eager re-creation computing the
 same step as fastjepa's fast path."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
-    module = load_script()
+    module = load_benchmark("bench_step")
     results = tmp_path / "rows.jsonl"
     module.main(["--quick", "--results", str(results)])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -34,7 +27,7 @@ def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
 def test_reference_eager_step_equals_the_fastjepa_step():
     """Same weights, masks and images: the re-created reference step and fastjepa's step give
     the same loss and the same updated target (fp32 on the CPU, so no autocast)."""
-    module = load_script()
+    module = load_benchmark("bench_step")
     steps = {mode: module.Step(mode, "vit_tiny", 8, 64, 3, torch.device("cpu"), 2, 48, False, min_keep=2)
              for mode in ("reference-eager", "fastjepa")}
     off = module.PhaseTimer(torch.device("cpu"), enabled=False)
@@ -53,7 +46,7 @@ def test_the_real_reference_step_equals_the_re_created_one():
 
     if not (REFERENCE_CHECKOUT / "src" / "helper.py").is_file():
         pytest.skip(f"no reference checkout at {REFERENCE_CHECKOUT}")
-    module = load_script()
+    module = load_benchmark("bench_step")
     steps = {mode: module.Step(mode, "vit_tiny", 8, 64, 3, torch.device("cpu"), 2, 48, False, min_keep=2,
                                reference_src=REFERENCE_CHECKOUT)
              for mode in ("reference-eager", module.REFERENCE_SRC_MODE)}

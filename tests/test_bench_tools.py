@@ -1,29 +1,20 @@
 """benchmarks/bench_ceilings.py, benchmarks/report.py and benchmarks/gpu_check.sh (which
 needs a GPU: here its syntax and its refusal to run without one)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCHMARKS))
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ceilings_and_kernel_rows_become_markdown_tables(tmp_path):
     results = tmp_path / "rows.jsonl"
-    load("bench_ceilings").main(["--quick", "--results", str(results)])
+    load_benchmark("bench_ceilings").main(["--quick", "--results", str(results)])
     kernel_row = {"bench": "bench_kernels", "op": "gather", "mode": "fwd", "model": "vit_huge", "shape": "B=128 N=256 K=92 D=1280",
                   "dtype": "bfloat16", "median_ms": 0.02, "p20_ms": 0.019, "p80_ms": 0.021, "gb_s": 3000.0, "pct_copy": 70.0,
                   "hardware": "GPU", "torch": "2.11", "triton": "3.6.0", "date": "d", "command": "c"}
@@ -31,7 +22,7 @@ def test_ceilings_and_kernel_rows_become_markdown_tables(tmp_path):
     rows[0]["provider"] = "fastjepa triton"
     with results.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    text = load("report").main([str(results)])
+    text = load_benchmark("report").main([str(results)])
     assert "| hardware | copy GB/s | matmul TFLOP/s |" in text
     assert "| gather | fwd | vit_huge | B=128 N=256 K=92 D=1280 bfloat16 | fastjepa triton | 0.0200 (0.0190-0.0210) | 3000 GB/s | 70.0 | 5.00x |" in text
 
@@ -40,7 +31,7 @@ def test_report_names_a_corrupt_row(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"op": 1}\n{not json\n')
     with pytest.raises(SystemExit, match="bad.jsonl:2: not a JSON row"):
-        load("report").main([str(bad)])
+        load_benchmark("report").main([str(bad)])
 
 
 def test_gpu_check_script_parses_and_refuses_to_run_without_a_gpu():
@@ -63,9 +54,9 @@ def test_plot_draws_kernel_and_step_figures_and_ignores_quick_rows(tmp_path):
              "images_per_s": 300.0, "mfu": 0.4, "phase_ms": {"backward": 200.0, "ema": 1.0}, "quick": False}]
     results = tmp_path / "rows.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    written = load("plot").main([str(results), "--out", str(tmp_path / "figures")])
+    written = load_benchmark("plot").main([str(results), "--out", str(tmp_path / "figures")])
     assert [p.name for p in written] == ["kernels.png", "step.png", "phases.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
     quick = tmp_path / "quick.jsonl"
     quick.write_text("".join(json.dumps({**r, "quick": True}) + "\n" for r in rows))
-    assert load("plot").main([str(quick), "--out", str(tmp_path / "none")]) == []
+    assert load_benchmark("plot").main([str(quick), "--out", str(tmp_path / "none")]) == []

@@ -1,14 +1,12 @@
 """benchmarks/digits_knn.py: the quick pipeline check (default run) and the real benchmark (-m slow)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_knn.py"
 
 # Measured with the script's SETTINGS (234 steps, ~2 CPU minutes), target encoder minus random
 # init, kNN top-1 on the 539 test digits: seed 0 -4.1, seed 1 -0.2, seed 2 +0.7 points.
@@ -28,15 +26,9 @@ ROW_KEYS = {
 }
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("digits_knn", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_quick_run_appends_one_well_formed_row_to_the_given_file(tmp_path):
-    module = load_script()
+    module = load_benchmark("digits_knn")
     default_results = module.RESULTS / "digits_knn.jsonl"
     before = default_results.read_bytes() if default_results.exists() else None
     results = tmp_path / "rows.jsonl"
@@ -60,14 +52,14 @@ def test_quick_run_appends_one_well_formed_row_to_the_given_file(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_target_encoder_against_random_init(tmp_path):
-    row = load_script().main(["--results", str(tmp_path / "rows.jsonl")])
+    row = load_benchmark("digits_knn").main(["--results", str(tmp_path / "rows.jsonl")])
     assert row["steps"] > 200 and row["loss_last10"] < row["loss_first10"]
     assert row["knn_trained"] > row["knn_random"] + KNN_MARGIN, row
     assert row["linear_trained"] > row["linear_random"] + LINEAR_MARGIN, row
 
 
 def test_mode_sets_the_opt_in_keys(tmp_path):
-    module = load_script()
+    module = load_benchmark("digits_knn")
     row = module.main(["--quick", "--mode", "ragged+shared-context", "--results", str(tmp_path / "rows.jsonl")])
     assert row["mode"] == "ragged+shared-context"
     assert row["config"]["ragged"] is True and row["config"]["shared_context_predictor"] is True

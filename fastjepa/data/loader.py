@@ -27,6 +27,7 @@ step ahead (``MaskStream``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
@@ -110,7 +111,7 @@ class MaskStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class ImageLoader:
+class ImageLoader(ABC):
     """What every backend shares: the seeded, sharded order, the epoch length, the mask
     stream. A backend implements ``_batches(epoch, start_itr)``: the remaining batches of
     the epoch as (images on the device, bad count), reading only this rank's files from
@@ -171,8 +172,9 @@ class ImageLoader:
         draws = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
         return (draws < 0.5) if self.flip else np.zeros(n, dtype=bool)
 
+    @abstractmethod
     def _batches(self, epoch: int, start_itr: int):
-        raise NotImplementedError
+        """(images normalised on the device, bad-file count) for each remaining batch of the epoch."""
 
 
 def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1) -> ImageLoader:

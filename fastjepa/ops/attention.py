@@ -22,7 +22,6 @@ Backends: ``triton`` (forward and backward kernels in ``kernels/attention.py``) 
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor

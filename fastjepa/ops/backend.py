@@ -126,3 +126,20 @@ def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], s
         if forced:
             raise BackendError(f"{op}: backend {name!r} cannot run this call: {problem}")
     return "torch"
+
+
+def check_tensor_lists(op: str, lists: dict[str, list], device: torch.device, device_owner: str) -> None:
+    """Validate parallel lists of tensors (one entry per parameter): every entry a float tensor
+    on ``device`` (whose owner ``device_owner`` names), shaped like the same entry of the first
+    list. Raises TypeError/ValueError naming the list and the index."""
+    first_name, first = next(iter(lists.items()))
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {device_owner} is on {device}: all tensors must share one device")
+            if t.shape != first[i].shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but {first_name}[{i}] has {tuple(first[i].shape)}")

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_tensor_lists, cuda_launch, select
 
 KERNEL_ONLINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -101,16 +101,7 @@ def ema_update_(targets: Sequence[Tensor], onlines: Sequence[Tensor], momentum: 
     if not targets:
         return
     device = targets[0].device
-    for name, group in (("targets", targets), ("onlines", onlines), ("shadows", shadows)):
-        for i, t in enumerate(group):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-            if not t.is_floating_point():
-                raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but targets[0] is on {device}: all tensors must share one device")
-            if t.shape != targets[i].shape:
-                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but targets[{i}] has {tuple(targets[i].shape)}")
+    check_tensor_lists(op, {"targets": targets, "onlines": onlines, "shadows": shadows}, device, "targets[0]")
     if isinstance(momentum, Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"{op}: momentum must be a float or a 0-d float tensor, got {momentum.dtype} of shape {tuple(momentum.shape)}")

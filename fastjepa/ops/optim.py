@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_tensor_lists, cuda_launch, select
 from fastjepa.ops.ema import KERNEL_ONLINE_DTYPES, torch_ema_
 
 
@@ -148,18 +148,11 @@ def adamw_ema_(
         got = f"{step.dtype} of shape {tuple(step.shape)}" if isinstance(step, Tensor) else type(step).__name__
         raise ValueError(f"{op}: step must be a 0-d float tensor (AdamW's state['step']), got {got}")
     device = step.device
-    for name, tensors in {"params": params, **lists}.items():
-        for i, t in enumerate(tensors):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-            if not t.is_floating_point():
-                raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but step is on {device}: all tensors must share one device")
-            if t.shape != params[i].shape:
-                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(params[i].shape)}")
-            if name in ("grads", "exp_avgs", "exp_avg_sqs") and t.dtype != params[i].dtype:
-                raise TypeError(f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {params[i].dtype}")
+    check_tensor_lists(op, {"params": params, **lists}, device, "step")
+    for name in ("grads", "exp_avgs", "exp_avg_sqs"):
+        for i, (t, p) in enumerate(zip(lists[name], params)):
+            if t.dtype != p.dtype:
+                raise TypeError(f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
     beta1, beta2 = (float(b) for b in betas)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"{op}: betas must lie in [0, 1), got {betas}")
