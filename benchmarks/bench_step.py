@@ -51,7 +51,7 @@ from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.masks.utils import PackedMasks  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
-from fastjepa.train import target_tokens, update_target  # noqa: E402
+from fastjepa.train import nonfinite_flag, target_tokens, update_target  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
 # name -> (model, patch, crop, batch): the published configs' per-GPU batch for ViT-H
@@ -240,7 +240,10 @@ class Step:
             if self.reference:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-            else:
+            else:  # the trainer's NaN/inf guard first (one pass over the gradients, one host sync), as GradScaler's check above
+                grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+                if nonfinite_flag(loss.detach(), grads).item():
+                    raise FloatingPointError(f"{self.mode}: non-finite loss or gradients at step {self.step_index}")
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with phase("ema"):

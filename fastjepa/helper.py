@@ -125,28 +125,44 @@ def read_checkpoint(path) -> dict:
     return checkpoint
 
 
-def load_checkpoint(device, r_path, encoder, predictor, target_encoder, opt, scaler):
-    """Load a reference-format checkpoint into the models and the optimizer.
-    Returns ``(encoder, predictor, target_encoder, opt, scaler, epoch)``. Loading is
-    strict; any problem raises ``CheckpointError`` (the reference logs it and restarts
-    from scratch)."""
-    checkpoint = read_checkpoint(r_path)
-    required = ["encoder", "predictor", "epoch"] + (["target_encoder"] if target_encoder is not None else []) + (["opt"] if opt is not None else [])
+def load_models(checkpoint: dict, path, encoder, predictor, target_encoder) -> None:
+    """Load a checkpoint dict's three models (``module.`` prefixes or not); strict,
+    ``CheckpointError`` names the file, the entry and what does not fit."""
+    required = ["encoder", "predictor", "epoch"] + (["target_encoder"] if target_encoder is not None else [])
     missing = [key for key in required if key not in checkpoint]
     if missing:
-        raise CheckpointError(f"checkpoint {r_path} lacks {', '.join(missing)}; it has {', '.join(map(str, checkpoint))}")
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it has {', '.join(map(str, checkpoint))}")
     for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target_encoder)):
         if model is None:
             continue
         try:
             model.load_state_dict(_fit_prefix(checkpoint[key], model))
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {r_path}: '{key}' does not fit the model: {e}") from e
+            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit the model: {e}") from e
+
+
+def load_optimizer(checkpoint: dict, path, opt) -> None:
+    """Load a checkpoint dict's ``opt`` entry into ``opt``; under FSDP2 each state tensor
+    is sharded like its parameter first."""
+    from fastjepa.distributed import shard_optimizer_state
+
+    if "opt" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} lacks opt; it has {', '.join(map(str, checkpoint))}")
+    try:
+        opt.load_state_dict(shard_optimizer_state(checkpoint["opt"], opt))
+    except (ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: 'opt' does not fit the optimizer: {e}") from e
+
+
+def load_checkpoint(device, r_path, encoder, predictor, target_encoder, opt, scaler):
+    """Load a reference-format checkpoint into the models and the optimizer.
+    Returns ``(encoder, predictor, target_encoder, opt, scaler, epoch)``. Loading is
+    strict; any problem raises ``CheckpointError`` (the reference logs it and restarts
+    from scratch)."""
+    checkpoint = read_checkpoint(r_path)
+    load_models(checkpoint, r_path, encoder, predictor, target_encoder)
     if opt is not None:
-        try:
-            opt.load_state_dict(checkpoint["opt"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {r_path}: 'opt' does not fit the optimizer: {e}") from e
+        load_optimizer(checkpoint, r_path, opt)
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])
     epoch = checkpoint["epoch"]

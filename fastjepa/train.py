@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import os
 import signal
 import threading
@@ -16,12 +15,14 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 import yaml
 from tqdm import tqdm
 
 from fastjepa.config import ConfigError, find_key, tiny_preset, validate
 from fastjepa.data.loader import make_loader
-from fastjepa.helper import init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
+from fastjepa.distributed import any_rank, any_rank_tensor, broadcast_object, full_state, local, rank, setup, unwrap, world_size, wrap
+from fastjepa.helper import init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
@@ -36,6 +37,21 @@ class StepResult:
     lr: float
     wd: float
     momentum: float
+    nonfinite: str | None = None  # what was not finite when the step was left out (no update, no EMA)
+
+
+class ContextPredictor(nn.Module):
+    """The trained pair: the context encoder and the predictor in one module, so that DDP
+    has one reducer (and FSDP2 one root) for both. ``shared_context``: the predictor runs
+    its shared-context layout (``meta.shared_context_predictor``)."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, shared_context: bool = False):
+        super().__init__()
+        self.encoder, self.predictor, self.shared_context = encoder, predictor, shared_context
+
+    def forward(self, imgs, masks_enc, masks_pred):
+        extra = {"shared_context": True} if self.shared_context else {}  # a reference predictor takes no such keyword
+        return self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred, **extra)
 
 
 @torch.no_grad()
@@ -49,34 +65,53 @@ def target_tokens(target_encoder, imgs, num_context_masks: int, masks_pred: Sequ
     return gather_tokens(h, target_index.to(h.device))
 
 
+@torch.no_grad()
 def update_target(target_encoder, encoder, momentum: float, target_shadow: Bf16Shadow | None = None) -> None:
-    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is one)."""
+    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is
+    one). Under FSDP2 each rank updates its own shards."""
     if target_shadow is not None:
         target_shadow.update_(momentum)
     else:
-        ema_update_(list(target_encoder.parameters()), list(encoder.parameters()), momentum)
+        ema_update_([local(p) for p in target_encoder.parameters()], [local(p) for p in encoder.parameters()], momentum)
 
 
-def jepa_loss(encoder, predictor, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor],
-              shared_context_predictor: bool = False) -> torch.Tensor:
-    """Smooth-L1 (beta 1, mean) between the predictor's output and the target
-    encoder's output after a LayerNorm without affine (eps 1e-5), at the target blocks.
+def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Smooth-L1 (beta 1, mean) between the predictor's output (``model``: a
+    ContextPredictor, maybe under DDP or FSDP2) and the target encoder's output after a
+    LayerNorm without affine (eps 1e-5), at the target blocks.
 
     ``masks_enc`` may be ``PackedMasks`` (``mask.ragged``: every context token kept, the
-    encoder and predictor run on packed tokens); ``shared_context_predictor`` runs the
-    predictor's shared-context layout (``meta.shared_context_predictor``). The target
-    masks and the loss are the same in every mode."""
+    encoder and predictor run on packed tokens). The target masks and the loss are the
+    same in every mode."""
     masks_enc = _as_list(masks_enc)
     h = target_tokens(target_encoder, imgs, len(masks_enc), masks_pred)
-    extra = {"shared_context": True} if shared_context_predictor else {}  # a reference predictor takes no such keyword
-    z = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred, **extra)
+    z = model(imgs, masks_enc, masks_pred)
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
     return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
 
 
+def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool on the device, true when the loss or any gradient holds NaN or inf on any
+    rank. The 1-norms carry every NaN and inf through their sums on every device (an
+    infinity norm's max need not) and stay finite for any sane gradient."""
+    grads = [g for g in grads if g.numel()]  # an FSDP2 shard can be empty
+    bad = ~torch.isfinite(loss)
+    if grads:
+        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()
+    return any_rank_tensor(bad)
+
+
+def describe_nonfinite(loss: torch.Tensor, model) -> str:
+    """What went non-finite, in words (the slow path, after ``nonfinite_flag``)."""
+    parts = [] if torch.isfinite(loss) else [f"loss is {loss.item()}"]
+    bad = [name for name, p in unwrap(model).named_parameters() if p.grad is not None and not torch.isfinite(local(p.grad)).all()]
+    if bad:
+        parts.append(f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    return "; ".join(parts) or "non-finite loss or gradients on another rank"
+
+
 def train_step(
-    encoder,
-    predictor,
+    model,
     target_encoder,
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
@@ -87,25 +122,33 @@ def train_step(
     masks_pred: Sequence[torch.Tensor],
     use_bfloat16: bool = False,
     target_shadow: Bf16Shadow | None = None,
-    shared_context_predictor: bool = False,
+    check_finite: bool = True,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
-    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. With a
-    ``target_shadow`` (bf16 autocast only) the target forward runs on the shadow, and the
-    EMA refreshes it: the same values, without autocast's per-forward weight casts.
-    ``masks_enc`` and ``shared_context_predictor``: see ``jepa_loss``."""
+    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
+    ContextPredictor, maybe under DDP or FSDP2. With a ``target_shadow`` (bf16 autocast
+    only) the target forward runs on the shadow, and the EMA refreshes it: the same
+    values, without autocast's per-forward weight casts. ``check_finite``: a loss or
+    gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
+    target as they were and says what in ``StepResult.nonfinite`` (one host sync)."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
     with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
         target_forward = target_shadow.module if target_shadow is not None else target_encoder
-        loss = jepa_loss(encoder, predictor, target_forward, imgs, masks_enc, masks_pred, shared_context_predictor)
+        loss = jepa_loss(model, target_forward, imgs, masks_enc, masks_pred)
     loss.backward()
+    momentum = next(momentum_scheduler)
+    if check_finite:
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        if nonfinite_flag(loss.detach(), grads).item():
+            what = describe_nonfinite(loss.detach(), model)
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss.detach(), lr, wd, momentum, what)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    momentum = next(momentum_scheduler)
-    update_target(target_encoder, encoder, momentum, target_shadow)
+    update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
     return StepResult(loss.detach(), lr, wd, momentum)
 
 
@@ -123,6 +166,7 @@ class TrainResult:
     latest_checkpoint: Path | None
     images_per_second: float
     skipped_images: int  # image files left out: failing the header check at start (once), or a decode (each time met)
+    nonfinite_steps: int = 0  # steps left out for a NaN or inf loss or gradient (meta.skip_nonfinite)
 
 
 def context_length(mask: torch.Tensor | PackedMasks) -> int:
@@ -226,66 +270,108 @@ def _resolve_resume(resume, resume_preempt: bool, config: dict, folder: Path) ->
 
 def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max_steps: int | None = None, seed: int = 0,
          resume: str | None = None, checkpoint_every: int | None = None, progress: bool = True,
-         profile_steps: tuple[int, int] | None = None, torch_profiler: str | None = None) -> TrainResult:
+         profile_steps: tuple[int, int] | None = None, torch_profiler: str | None = None,
+         profile_ranks: Sequence[int] | None = (0,)) -> TrainResult:
     """Pretrain I-JEPA as the reference's ``src.train.main`` does, from a config dict of
     the reference's YAML schema. ``resume``: a checkpoint path, "latest" (in the run
     folder) or "auto" (latest when it exists, else a fresh start: for requeued jobs).
     ``max_steps`` stops early (after writing a checkpoint). SIGTERM or SIGUSR1 (a cluster's
-    preemption notice) finishes the current step, writes the checkpoint and returns."""
+    preemption notice) finishes the current step, writes the checkpoint and returns.
+    Under torchrun or srun every process runs this (see ``fastjepa.distributed``);
+    ``profile_ranks``: the ranks that profile (None: all)."""
     config = validate(args)
-    device = torch.device(device) if device is not None else default_device()
+    device, started_group = setup(device)
+    try:
+        return _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpoint_every, progress,
+                      profile_steps if profile_ranks is None or rank() in profile_ranks else None,
+                      torch_profiler if profile_ranks is None or rank() in profile_ranks else None)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def all_finite(state) -> bool:
+    """Whether every floating-point tensor in ``state`` (nested dicts and lists) is finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(value) for value in state)
+    return True
+
+
+def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpoint_every, progress, profile_steps, torch_profiler):
     data, mask, meta, opt_cfg = config["data"], config["mask"], config["meta"], config["optimization"]
     tag = config["logging"]["write_tag"]
+    this_rank, ranks = rank(), world_size()
+    is_main = this_rank == 0
     resume_path = Path(resume) if resume not in (None, "latest", "auto") else None
-    folder = Path(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))
+    folder = Path(broadcast_object(str(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))))
     folder.mkdir(parents=True, exist_ok=True)
     config["logging"]["folder"] = str(folder)
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    say = print if is_main else (lambda *a, **k: None)
 
-    loader = make_loader(config, device, seed, data_root(config))
+    loader = make_loader(config, device, seed, data_root(config), this_rank, ranks)
     ipe = loader.steps_per_epoch
 
     torch.manual_seed(seed)
     encoder, predictor = init_model(device, mask["patch_size"], meta["model_name"], data["crop_size"], meta["pred_depth"], meta["pred_emb_dim"])
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    checkpoint_path = _resolve_resume(resume, resume_preempt, config, folder)
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint is not None:  # into the whole models, before DDP or FSDP2 take them
+        load_models(checkpoint, checkpoint_path, encoder, predictor, target_encoder)
+    model = wrap(ContextPredictor(encoder, predictor, meta["shared_context_predictor"]), target_encoder, meta, device)
     optimizer, _, lr_scheduler, wd_scheduler = init_opt(
         encoder, predictor, ipe, opt_cfg["start_lr"], opt_cfg["lr"], opt_cfg["warmup"], opt_cfg["epochs"],
         opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], meta["use_bfloat16"], opt_cfg["ipe_scale"])
     momentum_scheduler = momentum_schedule(opt_cfg["ema"], ipe, opt_cfg["epochs"], opt_cfg["ipe_scale"])
 
     start_epoch, start_itr = 0, 0
-    checkpoint_path = _resolve_resume(resume, resume_preempt, config, folder)
-    if checkpoint_path is not None:
-        encoder, predictor, target_encoder, optimizer, _, start_epoch = load_checkpoint(
-            device, checkpoint_path, encoder, predictor, target_encoder, optimizer, None)
-        state = read_checkpoint(checkpoint_path).get("fastjepa")
+    if checkpoint is not None:
+        load_optimizer(checkpoint, checkpoint_path, optimizer)
+        state = checkpoint.get("fastjepa")
         if state is not None:  # a fastjepa checkpoint: resume at the exact step
             start_epoch, start_itr = state["epoch"], state["itr"]
             lr_scheduler.load_state_dict(state["lr_schedule"])
             wd_scheduler.load_state_dict(state["wd_schedule"])
             momentum_scheduler.load_state_dict(state["momentum_schedule"])
         else:  # a reference checkpoint: replay the schedules over the completed epochs
+            start_epoch = checkpoint["epoch"]
             for _ in range(start_epoch * ipe):
                 lr_scheduler.step(), wd_scheduler.step(), next(momentum_scheduler)
-        print(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_itr} of {ipe}")
+        say(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_itr} of {ipe}")
+        del checkpoint
 
-    # bf16 copies of the target's matmul weights for its forwards, refreshed by the EMA
-    target_shadow = Bf16Shadow(target_encoder, encoder) if meta["use_bfloat16"] else None
+    # bf16 copies of the target's matmul weights for its forwards, refreshed by the EMA (whole tensors only: not under FSDP2)
+    sharded = ranks > 1 and meta["sharding"] == "fsdp"
+    target_shadow = Bf16Shadow(target_encoder, encoder) if meta["use_bfloat16"] and not sharded else None
 
-    with open(folder / "params-ijepa.yaml", "w") as f:
-        yaml.dump(config, f)
-    log = CSVLog(folder / f"{tag}_r0.csv")
-    board = _tensorboard(folder)
+    if is_main:
+        with open(folder / "params-ijepa.yaml", "w") as f:
+            yaml.dump(config, f)
+    log = CSVLog(folder / f"{tag}_r{this_rank}.csv")
+    board = _tensorboard(folder) if is_main else None
     latest = folder / f"{tag}-latest.pth.tar"
 
     def save(epoch: int, itr: int, loss_avg: float, path: Path = latest) -> None:
-        save_checkpoint({
+        state = full_state({
             "encoder": _with_prefix(encoder), "predictor": _with_prefix(predictor), "target_encoder": _with_prefix(target_encoder),
-            "opt": optimizer.state_dict(), "scaler": None, "epoch": epoch, "loss": loss_avg,
-            "batch_size": data["batch_size"], "world_size": 1, "lr": opt_cfg["lr"],
+            "opt": optimizer.state_dict(),
+        })  # every rank: gathering FSDP2 shards is a collective
+        if not all_finite(state):  # the same verdict on every rank: the state is whole everywhere
+            raise FloatingPointError(f"not writing checkpoint {path}: the weights or optimizer state hold NaN or inf "
+                                     f"(epoch {epoch + 1}, step {itr}); the previous checkpoint is kept")
+        if not is_main:
+            return
+        save_checkpoint({
+            **state, "scaler": None, "epoch": epoch, "loss": loss_avg,
+            "batch_size": data["batch_size"], "world_size": ranks, "lr": opt_cfg["lr"],
             "fastjepa": {"config": config, "seed": seed, "epoch": epoch, "itr": itr,
                          "lr_schedule": lr_scheduler.state_dict(), "wd_schedule": wd_scheduler.state_dict(),
                          "momentum_schedule": momentum_scheduler.state_dict()},
@@ -295,54 +381,67 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
     first_step = start_epoch * ipe + start_itr
     if max_steps is not None:
         total_steps = min(total_steps, first_step + max_steps)
-    print(f"fastjepa train: {meta['model_name']} on {device.type}, {loader.num_images} images x{data['repeat']} "
-          f"({ipe} steps per epoch, data backend {loader.backend}), output folder: {folder}")
+    processes = f" x {ranks} processes ({meta['sharding']})" if ranks > 1 else ""
+    say(f"fastjepa train: {meta['model_name']} on {device.type}{processes}, {loader.num_images} images x{data['repeat']} "
+        f"({ipe} steps per epoch, data backend {loader.backend}), output folder: {folder}")
     if loader.skipped_files:
-        print(f"skipping {len(loader.skipped_files)} files that are not images (e.g. {loader.skipped_files[0]})")
+        say(f"skipping {len(loader.skipped_files)} files that are not images (e.g. {loader.skipped_files[0]})")
 
-    losses, skipped, images_seen, saved = [], len(loader.rejected), 0, None
+    losses, skipped, images_seen, saved, nonfinite_steps = [], len(loader.rejected), 0, None, 0
     step = first_step
     profiler = StepProfiler(device, profile_steps, torch_profiler)
     preemption = PreemptionNotice()
-    bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True)
+    preempted = False  # agreed by every rank: a notice reached any of them
+    bar = tqdm(total=total_steps, initial=first_step, unit="step", disable=not (progress and is_main), dynamic_ncols=True)
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, opt_cfg["epochs"]):
-            if step >= total_steps or preemption.received:
+            (preempted,) = any_rank(preemption.received is not None, device=device)
+            if step >= total_steps or preempted:
                 break
             first_itr = start_itr if epoch == start_epoch else 0
             epoch_losses = []
             tick = time.perf_counter()
-            # images normalised on the device; masks drawn one step ahead, seeded by (seed, step)
+            # images normalised on the device; masks drawn one step ahead, seeded by (seed, step, rank)
             for itr, (images, masks_enc, masks_pred, bad) in enumerate(loader.epoch(epoch, first_itr, step), start=first_itr):
                 skipped += bad
-                if len(images) == 0:
+                empty, preempted = any_rank(len(images) == 0, preemption.received is not None, device=device)
+                if preempted:  # the notice came during the previous step: keep it, stop before this one
+                    save(epoch, itr, sum(epoch_losses) / max(len(epoch_losses), 1))
+                    saved = latest
+                    break
+                if empty:  # no file of this batch decoded on some rank: every rank leaves the step out
                     continue
                 with profiler.step(step):
-                    result = train_step(encoder, predictor, target_encoder, optimizer, lr_scheduler, wd_scheduler,
-                                        momentum_scheduler, images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow,
-                                        meta["shared_context_predictor"])
+                    result = train_step(model, target_encoder, optimizer, lr_scheduler, wd_scheduler, momentum_scheduler,
+                                        images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow)
                     loss = result.loss.item()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {itr} (global step {step}); "
-                                             f"stopping without writing a checkpoint from this state")
                 now = time.perf_counter()
                 step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
                 tick = now
-                log.row(epoch + 1, itr, f"{loss:.5f}", context_length(masks_enc[0]), masks_pred[0].shape[1], f"{step_ms:.1f}",
-                        f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}")
-                if board is not None:
-                    for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput)):
-                        board.add_scalar(name, value, step)
-                losses.append(loss)
-                epoch_losses.append(loss)
+                if result.nonfinite is not None:
+                    where = f"epoch {epoch + 1}, step {itr} (global step {step})"
+                    if not meta["skip_nonfinite"]:
+                        raise FloatingPointError(f"{result.nonfinite} at {where}; stopping without an update or a checkpoint "
+                                                 f"from this step (meta.skip_nonfinite: true skips such steps instead)")
+                    nonfinite_steps += 1
+                    if is_main:
+                        tqdm.write(f"skipped {where}: {result.nonfinite}")
+                else:
+                    log.row(epoch + 1, itr, f"{loss:.5f}", context_length(masks_enc[0]), masks_pred[0].shape[1], f"{step_ms:.1f}",
+                            f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}")
+                    if board is not None:
+                        for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput)):
+                            board.add_scalar(name, value, step)
+                    losses.append(loss)
+                    epoch_losses.append(loss)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
                 images_seen += len(images)
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
-                stop, mid_epoch = step >= total_steps or preemption.received, itr + 1 < ipe  # the epoch's end saves below
+                stop, mid_epoch = step >= total_steps, itr + 1 < ipe  # the epoch's end saves below
                 if mid_epoch and (stop or (checkpoint_every is not None and step % checkpoint_every == 0)):
-                    save(epoch, itr + 1, sum(epoch_losses) / len(epoch_losses))
+                    save(epoch, itr + 1, sum(epoch_losses) / max(len(epoch_losses), 1))
                     saved = latest
                 if stop and mid_epoch:
                     break
@@ -352,10 +451,12 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                 saved = latest
                 if (epoch + 1) % CHECKPOINT_FREQ == 0:
                     save(epoch + 1, 0, average, folder / f"{tag}-ep{epoch + 1}.pth.tar")
+                continue
+            break  # the inner loop stopped early: max_steps or a preemption notice
     except KeyboardInterrupt:
         bar.close()
         last = latest if latest.exists() else "none written yet"
-        print(f"\ninterrupted at step {step}; the last complete checkpoint: {last}")
+        say(f"\ninterrupted at step {step}; the last complete checkpoint: {last}")
         raise
     finally:
         preemption.restore()
@@ -365,12 +466,13 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
         if board is not None:
             board.close()
 
-    if preemption.received:
-        print(f"\n{preemption.received} received: stopped after step {step} with the checkpoint {latest}; "
-              f"continue with --resume auto (or resume='auto')")
+    if preempted:
+        say(f"\n{preemption.received or 'a preemption notice (on another rank)'} received: stopped after step {step} "
+            f"with the checkpoint {latest}; continue with --resume auto (or resume='auto')")
     elapsed = time.perf_counter() - started
-    result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped)
-    _print_summary(result, elapsed)
+    result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped, nonfinite_steps)
+    if is_main:
+        _print_summary(result, elapsed)
     return result
 
 
@@ -382,6 +484,8 @@ def _print_summary(result: TrainResult, elapsed: float) -> None:
         f"done: {result.steps} steps in {elapsed:.0f} s, {result.images_per_second:.1f} img/s",
         f"loss: {head:.4f} (first 10 steps) -> {tail:.4f} (last 10 steps)" if losses else "loss: no step taken",
     ]
+    if result.nonfinite_steps:
+        lines.append(f"steps skipped for a non-finite loss or gradient: {result.nonfinite_steps}")
     if result.skipped_images:
         lines.append(f"unreadable images skipped: {result.skipped_images}")
     if result.latest_checkpoint is not None:
@@ -390,13 +494,14 @@ def _print_summary(result: TrainResult, elapsed: float) -> None:
     print("\n".join(lines))
 
 
-TRAIN_OPTIONS = ("device", "out", "max_steps", "seed", "resume", "checkpoint_every", "progress", "profile_steps", "torch_profiler")
+TRAIN_OPTIONS = ("device", "out", "max_steps", "seed", "resume", "checkpoint_every", "progress", "profile_steps", "torch_profiler",
+                 "profile_ranks")
 
 
 def fit(**keys) -> TrainResult:
     """One call: the tiny preset with any config key overridden by name (``fit(model_name="vit_small",
     epochs=3, root_path="/data/photos")``) plus the trainer's options (device, out, max_steps, seed,
-    resume, checkpoint_every, progress, profile_steps, torch_profiler)."""
+    resume, checkpoint_every, progress, profile_steps, torch_profiler, profile_ranks)."""
     options = {name: keys.pop(name) for name in TRAIN_OPTIONS if name in keys}
     config = tiny_preset()
     for name, value in keys.items():

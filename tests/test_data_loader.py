@@ -11,6 +11,7 @@ from PIL import Image
 
 import fastjepa.data.loader as loader_module
 from fastjepa.config import ConfigError, mask_sampler, validate
+from fastjepa.data.images import mix_seed
 from fastjepa.data.loader import MaskStream, backend_problem, make_loader, resolve_backend
 from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
 
@@ -76,7 +77,7 @@ def test_an_epoch_is_normalised_images_with_their_step_masks(tmp_path, backend):
     for step, batch in enumerate(batches, start=7):
         assert batch.images.shape == (4, 3, 48, 48) and batch.images.dtype == torch.float32 and batch.bad == 0
         seen += identify(batch.images)
-        expected = mask_sampler(config).sample(4, generator=torch.Generator().manual_seed((3 << 32) + step))
+        expected = mask_sampler(config).sample(4, generator=torch.Generator().manual_seed(mix_seed(3, 0, step)))
         assert all(torch.equal(m, n) for m, n in zip(batch.masks_enc + batch.masks_pred, expected[0] + expected[1]))
     assert sorted(seen) == list(range(12))  # every image once, each decoded to its own colour
     for i, image in zip(identify(batches[0].images), batches[0].images):
@@ -137,14 +138,17 @@ def test_mid_epoch_resume_equals_the_uninterrupted_epoch_and_reads_only_the_rest
     assert epoch(resumed, 2, start_itr=8) == []
 
 
-def test_two_ranks_read_disjoint_images_in_equal_numbers_of_steps(tmp_path, backend):
+def test_two_ranks_read_disjoint_images_in_equal_numbers_of_steps_with_their_own_masks(tmp_path, backend):
     write_colour_images(tmp_path, 11)  # 11 images, 2 ranks, batch 2: 5 images per rank, 2 steps each
     config = data_config(tmp_path, backend, batch_size=2)
     ranks = [make_loader(config, CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
     assert [r.steps_per_epoch for r in ranks] == [2, 2]
     for e in range(3):
-        seen = [[i for b in epoch(r, e) for i in identify(b.images)] for r in ranks]
+        batches = [epoch(r, e, first_step=2 * e) for r in ranks]
+        seen = [[i for b in rank_batches for i in identify(b.images)] for rank_batches in batches]
         assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+        for a, b in zip(*batches):  # the same step on two ranks: other masks
+            assert any(not torch.equal(m, n) for m, n in zip(a.masks_enc + a.masks_pred, b.masks_enc + b.masks_pred))
     with pytest.raises(ConfigError, match="larger than the 1 images of an epoch on each of 8 ranks in "):
         make_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path), rank=0, world_size=8)
 
@@ -187,14 +191,14 @@ def test_mask_stream_gives_the_trainers_masks_whatever_the_batch_sizes():
     sampler = mask_sampler(config)
 
     def direct(step, n, ragged=False):
-        return sampler.sample(n, generator=torch.Generator().manual_seed((9 << 32) + step), ragged=ragged)
+        return sampler.sample(n, generator=torch.Generator().manual_seed(mix_seed(9, 2, step)), ragged=ragged)
 
-    stream = MaskStream(sampler, seed=9, first_step=40, batch_size=4, device=CPU, ragged=False)
+    stream = MaskStream(sampler, seed=9, rank=2, first_step=40, batch_size=4, device=CPU, ragged=False)
     for step, n in zip(range(40, 46), [4, 4, 3, 4, 1, 4]):  # partial batches draw on the spot
         got, expected = stream.take(n), direct(step, n)
         assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], expected[0] + expected[1]))
     stream.close()
-    ragged = MaskStream(sampler, seed=9, first_step=3, batch_size=4, device=CPU, ragged=True)
+    ragged = MaskStream(sampler, seed=9, rank=2, first_step=3, batch_size=4, device=CPU, ragged=True)
     got, expected = ragged.take(4), direct(3, 4, ragged=True)
     assert torch.equal(got[0][0].index, expected[0][0].index) and got[0][0].lengths == expected[0][0].lengths
     ragged.close()

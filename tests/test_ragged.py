@@ -14,7 +14,7 @@ from fastjepa.masks.utils import concat_packed
 from fastjepa.models import vision_transformer as vit
 from fastjepa.ops import use_backend
 from fastjepa.plot import read_log
-from fastjepa.train import fit, jepa_loss
+from fastjepa.train import ContextPredictor, fit, jepa_loss
 
 GRID, DIM, PRED_DIM, HEADS = 4, 192, 48, 3  # vit_tiny, patch 8 on 32 px: a 4 x 4 grid
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -127,10 +127,10 @@ def test_jepa_loss_takes_packed_contexts():
     encoder, predictor = fp64_models()
     target = copy.deepcopy(encoder).requires_grad_(False)
     x = images(3)
-    dense = jepa_loss(encoder, predictor, target, x, CONTEXTS[:1], TARGETS)
-    packed = jepa_loss(encoder, predictor, target, x, [PackedMasks.from_dense(CONTEXTS[0])], TARGETS)
+    dense = jepa_loss(ContextPredictor(encoder, predictor), target, x, CONTEXTS[:1], TARGETS)
+    packed = jepa_loss(ContextPredictor(encoder, predictor), target, x, [PackedMasks.from_dense(CONTEXTS[0])], TARGETS)
     torch.testing.assert_close(packed, dense, **TOL)
-    ragged = jepa_loss(encoder, predictor, target, x, PackedMasks.from_rows(RAGGED), TARGETS)  # a bare PackedMasks too
+    ragged = jepa_loss(ContextPredictor(encoder, predictor), target, x, PackedMasks.from_rows(RAGGED), TARGETS)  # a bare PackedMasks too
     ragged.backward()
     assert torch.isfinite(ragged) and all(torch.isfinite(g).all() for g in grads((encoder, predictor)))
 
@@ -211,7 +211,7 @@ def test_ragged_shared_context_forward_and_backward_through_the_loss():
     encoder, predictor = fp64_models()
     target = copy.deepcopy(encoder).requires_grad_(False)
     packed = [PackedMasks.from_rows(RAGGED), PackedMasks.from_rows(RAGGED_2)]  # two context masks
-    loss = jepa_loss(encoder, predictor, target, images(3), packed, TARGETS, shared_context_predictor=True)
+    loss = jepa_loss(ContextPredictor(encoder, predictor, shared_context=True), target, images(3), packed, TARGETS)
     loss.backward()
     g = grads((encoder, predictor))
     assert torch.isfinite(loss) and len(g) > 0 and all(torch.isfinite(t).all() for t in g)

@@ -20,7 +20,7 @@ import torch
 
 from fastjepa.helper import init_model, init_opt
 from fastjepa.masks import PackedMasks
-from fastjepa.train import train_step
+from fastjepa.train import ContextPredictor, train_step
 from fastjepa.utils.schedulers import MomentumSchedule
 
 PATCH, CROP, HEADS = 8, 32, 3  # vit_tiny: embed 192, 3 heads; the predictor uses the encoder's heads
@@ -192,7 +192,7 @@ def test_train_step_matches_handwritten_fp64_reference(case, packed, fp64_models
 
     # ---- the implementation under test
     step_masks = [PackedMasks.from_dense(m) for m in masks_enc] if packed else masks_enc
-    result = train_step(encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
+    result = train_step(ContextPredictor(encoder, predictor), target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
                         imgs, step_masks, masks_pred)
 
     assert result.lr == pytest.approx(lr, rel=1e-15) and result.wd == pytest.approx(wd, rel=1e-15)
@@ -224,7 +224,7 @@ def test_bf16_autocast_steps_run_in_fp32_loss_and_learn_a_fixed_batch():
     momentum_sched = MomentumSchedule(0.99, 1.0, 100)
     masks_enc, masks_pred = CASES["B3"]
     imgs = torch.randn(3, 3, CROP, CROP)
-    losses = [train_step(encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
+    losses = [train_step(ContextPredictor(encoder, predictor), target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
                          imgs, masks_enc, masks_pred, use_bfloat16=True).loss for _ in range(8)]
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -247,7 +247,7 @@ def test_bf16_target_shadow_gives_the_same_steps_as_autocast_casting_the_fp32_ta
         shadow = Bf16Shadow(target_encoder, encoder) if with_shadow else None
         masks_enc, masks_pred = CASES["B3"]
         imgs = torch.randn(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
-        losses = [train_step(encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
+        losses = [train_step(ContextPredictor(encoder, predictor), target_encoder, optimizer, lr_sched, wd_sched, momentum_sched,
                              imgs, masks_enc, masks_pred, use_bfloat16=True, target_shadow=shadow).loss for _ in range(3)]
         runs.append((losses, target_encoder.state_dict(), shadow))
     (plain_losses, plain_target, _), (shadow_losses, shadow_target, shadow) = runs

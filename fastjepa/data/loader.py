@@ -21,8 +21,8 @@ blur switches (off in every reference config) need pil.
 What every backend shares: the image order (``SeededSampler``: a seeded permutation per
 epoch, sharded by rank with equal counts, so every rank runs ``steps_per_epoch`` steps), the
 skip of the first ``start_itr`` batches of an epoch without reading them (exact mid-epoch
-resume), and the masks: step s draws them from a generator seeded with (seed << 32) + s, one
-step ahead (``MaskStream``).
+resume), and the masks: step s of rank r draws them from a generator seeded with
+``mix_seed(seed, r, s)``, one step ahead (``MaskStream``).
 """
 
 from __future__ import annotations
@@ -82,18 +82,20 @@ class MaskStream:
 
     ``take(n)`` returns step s's masks for a batch of n images and starts drawing step
     s + 1's for a full batch in a background thread, so the draw and the copy to the
-    device overlap the training step. Step s draws from a generator seeded with
-    (seed << 32) + s: the values do not depend on the prefetch. A batch of another size
-    (a file of it failed) draws its masks on the spot, from the same seed."""
+    device overlap the training step. Step s of rank r draws from a generator seeded with
+    ``mix_seed(seed, r, s)``: the values do not depend on the prefetch, and ranks differ.
+    A batch of another size (a file of it failed) draws its masks on the spot, from the
+    same seed."""
 
-    def __init__(self, sampler: MultiBlockMaskSampler, seed: int, first_step: int, batch_size: int, device: torch.device, ragged: bool):
-        self.sampler, self.seed, self.step = sampler, int(seed), int(first_step)
+    def __init__(self, sampler: MultiBlockMaskSampler, seed: int, rank: int, first_step: int, batch_size: int, device: torch.device,
+                 ragged: bool):
+        self.sampler, self.seed, self.rank, self.step = sampler, int(seed), int(rank), int(first_step)
         self.batch_size, self.device, self.ragged = batch_size, device, ragged
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastjepa-masks")
         self.ahead = self.pool.submit(self._draw, self.step, batch_size)
 
     def _draw(self, step: int, n: int):
-        generator = torch.Generator().manual_seed((self.seed << 32) + step)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, step))
         return self.sampler.sample(n, generator=generator, device=self.device, ragged=self.ragged)
 
     def take(self, n: int):
@@ -150,7 +152,7 @@ class ImageLoader(ABC):
         try:
             for images, bad in self._batches(epoch, start_itr):
                 if masks is None:  # started once the first batch is in: DataLoader workers fork before this thread exists
-                    masks = MaskStream(self.sampler, self.seed, first_step, self.batch_size, self.device, self.ragged)
+                    masks = MaskStream(self.sampler, self.seed, self.rank, first_step, self.batch_size, self.device, self.ragged)
                 if len(images) == 0:
                     yield Batch(torch.empty((0, 3, self.crop_size, self.crop_size), device=self.device), None, None, bad)
                 else:
