@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: output folder, exact resume, CLI errors, bad data, no data loss."""
 
 import csv
+import math
 import shutil
 import subprocess
 import sys
@@ -268,3 +269,61 @@ def test_preemption_signal_checkpoints_and_resume_auto_continues_exactly(tmp_pat
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     result = fit(out=tmp_path / "fresh", max_steps=1, resume="auto", **SMALL)
     assert result.steps == 1 and (tmp_path / "fresh" / "jepa-latest.pth.tar").exists()
+
+
+def _nan_images_at(call: int, monkeypatch):
+    """Make the trainer's train_step see NaN images at its call number ``call`` (0-based)."""
+    import fastjepa.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def step(model, target, optimizer, lr, wd, momentum, images, *rest):
+        calls.append(1)
+        if len(calls) - 1 == call:
+            images = images.clone()
+            images[0, 0, 0, 0] = float("nan")
+        return real_step(model, target, optimizer, lr, wd, momentum, images, *rest)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+def test_a_nonfinite_step_stops_the_run_naming_it_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _nan_images_at(2, monkeypatch)
+    with pytest.raises(FloatingPointError, match=r"loss is nan; non-finite gradients in \d+ tensors .* at epoch 1, step 2 "
+                                                 r"\(global step 2\); .*meta.skip_nonfinite"):
+        fit(out=tmp_path, max_steps=6, checkpoint_every=1, **SMALL)
+    checkpoint = read_checkpoint(tmp_path / "jepa-latest.pth.tar")
+    assert checkpoint["fastjepa"]["itr"] == 2 and len(csv_rows(tmp_path)) == 3  # the two steps before it
+    assert all(torch.isfinite(v).all() for part in ("encoder", "predictor", "target_encoder") for v in checkpoint[part].values())
+
+
+def test_skip_nonfinite_leaves_the_step_out_and_carries_on(tmp_path, monkeypatch, capsys):
+    _nan_images_at(1, monkeypatch)
+    result = fit(out=tmp_path, max_steps=4, skip_nonfinite=True, **SMALL)
+    out = capsys.readouterr().out
+    assert "skipped epoch 1, step 1 (global step 1): loss is nan" in out and "non-finite loss or gradient: 1" in out
+    assert result.steps == 3 and result.nonfinite_steps == 1 and all(math.isfinite(l) for l in result.losses)
+    assert [r[:2] for r in csv_rows(tmp_path)[1:]] == [["1", "0"], ["1", "2"], ["2", "0"]]
+    checkpoint = read_checkpoint(tmp_path / "jepa-latest.pth.tar")
+    assert (checkpoint["epoch"], checkpoint["fastjepa"]["itr"]) == (1, 1)  # the skipped step still counts as a step
+    assert all(torch.isfinite(v).all() for v in checkpoint["encoder"].values())
+
+
+def test_nonfinite_weights_are_never_written_to_a_checkpoint(tmp_path, monkeypatch):
+    import fastjepa.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def step_then_poison(model, target, *rest):
+        result = real_step(model, target, *rest)
+        calls.append(1)
+        if len(calls) == 1:  # the run's last step: its loss stays finite, only the save can see the target
+            next(target.parameters()).data[0] = float("inf")
+        return result
+
+    fit(out=tmp_path, max_steps=1, **SMALL)
+    before = (tmp_path / "jepa-latest.pth.tar").read_bytes()
+    monkeypatch.setattr(train_module, "train_step", step_then_poison)
+    with pytest.raises(FloatingPointError, match="not writing checkpoint .*jepa-latest.pth.tar: the weights or optimizer state hold NaN"):
+        fit(out=tmp_path, max_steps=1, resume="latest", **SMALL)
+    assert (tmp_path / "jepa-latest.pth.tar").read_bytes() == before

@@ -260,3 +260,43 @@ def test_bf16_target_shadow_gives_the_same_steps_as_autocast_casting_the_fp32_ta
     for name in bf16:
         assert torch.equal(shadow_params[name], shadow_target[name].to(torch.bfloat16)), name
     assert shadow_params["norm.weight"].data_ptr() == shadow_target["norm.weight"].data_ptr()  # shared, not copied
+
+
+def test_a_nonfinite_loss_or_gradient_leaves_weights_moments_and_target_as_they_were():
+    torch.manual_seed(0)
+    encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    model = ContextPredictor(encoder, predictor)
+    optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
+                                                warmup=0, num_epochs=1, wd=0.04, final_wd=0.04, ipe_scale=1.0)
+    momentum_sched = MomentumSchedule(0.9, 1.0, 100)
+    masks_enc, masks_pred = CASES["B3"]
+
+    def step(imgs):
+        return train_step(model, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched, imgs, masks_enc, masks_pred)
+
+    def snapshot():
+        return copy.deepcopy([model.state_dict(), target_encoder.state_dict(), optimizer.state_dict()["state"]])
+
+    def assert_unchanged(before):
+        after = snapshot()
+        for old, new in zip(before[:2], after[:2]):
+            assert all(torch.equal(old[k], new[k]) for k in old)
+        assert all(torch.equal(before[2][i][k], after[2][i][k]) for i in before[2] for k in before[2][i])
+        assert all(p.grad is None for p in model.parameters())  # nothing left over for the next step
+
+    assert step(torch.randn(3, 3, CROP, CROP)).nonfinite is None  # the moments exist from here on
+    before = snapshot()
+    imgs = torch.randn(3, 3, CROP, CROP)
+    imgs[1, 0, 5, 7] = float("nan")
+    result = step(imgs)
+    assert result.nonfinite.startswith("loss is nan") and "non-finite gradients" in result.nonfinite
+    assert_unchanged(before)
+
+    hook = predictor.predictor_embed.weight.register_hook(lambda g: g * float("inf"))  # a finite loss, one bad gradient
+    result = step(torch.randn(3, 3, CROP, CROP))
+    hook.remove()
+    assert result.nonfinite == "non-finite gradients in 1 tensors (predictor.predictor_embed.weight)"
+    assert_unchanged(before)
+    assert step(torch.randn(3, 3, CROP, CROP)).nonfinite is None  # and training goes on
+    assert any(not torch.equal(before[0][k], v) for k, v in model.state_dict().items())
