@@ -1,4 +1,4 @@
-"""The ``fastjepa`` command line: train, plot, eval, info, data verify.
+"""The ``fastjepa`` command line: train, submit, plot, eval, info, data verify.
 
 Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
 loss; ``data verify``: bad files found), 2 bad command line or config, 130 interrupted.
@@ -46,7 +46,24 @@ def _train(args) -> int:
 
     main(config, device=args.device, out=args.out, max_steps=args.max_steps, seed=args.seed, resume=args.resume,
          checkpoint_every=args.checkpoint_every, progress=not args.no_progress, profile_steps=args.profile_steps,
-         torch_profiler=args.torch_profiler)
+         torch_profiler=args.torch_profiler, profile_ranks=args.profile_ranks)
+    return 0
+
+
+def _submit(args) -> int:
+    from fastjepa.config import validate
+    from fastjepa.submit import submit
+
+    config = validate(_config_from_args(args))
+    out = args.out or config["logging"]["folder"]
+    if not out:
+        raise UsageError("fastjepa submit needs --out DIR (or logging.folder): the run folder a requeued job resumes from")
+    job = submit(config, out=out, nodes=args.nodes, tasks_per_node=args.tasks_per_node, time_min=args.time,
+                 partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, cluster=args.cluster,
+                 seed=args.seed, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every)
+    print(f"submitted job {job.job_id}: {args.nodes} x {args.tasks_per_node} processes, output folder {out}")
+    if args.cluster == "debug":  # submitit's debug executor runs the job here, when its result is asked for
+        print(f"finished: {job.result()}")
     return 0
 
 
@@ -95,6 +112,18 @@ def _data_verify(args) -> int:
     return 0
 
 
+def _profile_ranks(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    try:
+        ranks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes all or ranks like 0,8, got {text!r}") from None
+    if any(rank < 0 for rank in ranks):
+        raise argparse.ArgumentTypeError(f"ranks are >= 0, got {text!r}")
+    return ranks
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -124,7 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cudaProfilerStart/Stop around global steps A..B-1 (nsys --capture-range=cudaProfilerApi), NVTX range per step")
     train.add_argument("--torch-profiler", metavar="DIR",
                        help="torch.profiler over the --profile-steps range (default 2:5): Chrome trace in DIR, top kernels printed")
+    train.add_argument("--profile-ranks", type=_profile_ranks, default=(0,), metavar="R,R|all",
+                       help="the ranks that profile under torchrun (default 0)")
     train.set_defaults(run=_train)
+
+    submit = commands.add_parser("submit", help="pretrain on a SLURM cluster through submitit (requeued after time limits)",
+                                 description="Submit fastjepa train as a SLURM job through submitit (pip install 'fastjepa[submit]'): "
+                                             "one process per GPU; at the time limit the job writes its checkpoint and is requeued.")
+    submit.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format")
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    submit.add_argument("--out", metavar="DIR", help="the run folder (default: logging.folder); requeued jobs resume from it")
+    submit.add_argument("--nodes", type=_positive_int, default=1)
+    submit.add_argument("--tasks-per-node", type=_positive_int, default=1, metavar="N", help="processes per node, one per GPU")
+    submit.add_argument("--time", type=_positive_int, default=4300, metavar="MIN", help="time limit per job in minutes (default 4300)")
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--cpus-per-task", type=_positive_int, default=10)
+    submit.add_argument("--cluster", choices=("slurm", "local", "debug"), help="submitit executor (default: slurm when sbatch is found)")
+    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--max-steps", type=_positive_int, metavar="N")
+    submit.add_argument("--checkpoint-every", type=_positive_int, metavar="N")
+    submit.set_defaults(run=_submit)
 
     plot = commands.add_parser("plot", help="draw a run's loss, lr, momentum and throughput curves to PNG")
     plot.add_argument("folder", metavar="OUT_DIR")
@@ -172,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"fastjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError, NotADirectoryError, FloatingPointError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, FloatingPointError, ValueError, ImportError) as e:
         print(f"fastjepa {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

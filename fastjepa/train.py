@@ -167,6 +167,7 @@ class TrainResult:
     images_per_second: float
     skipped_images: int  # image files left out: failing the header check at start (once), or a decode (each time met)
     nonfinite_steps: int = 0  # steps left out for a NaN or inf loss or gradient (meta.skip_nonfinite)
+    preempted: bool = False  # a preemption notice (on any rank) stopped the run after its checkpoint
 
 
 def context_length(mask: torch.Tensor | PackedMasks) -> int:
@@ -470,7 +471,8 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
         say(f"\n{preemption.received or 'a preemption notice (on another rank)'} received: stopped after step {step} "
             f"with the checkpoint {latest}; continue with --resume auto (or resume='auto')")
     elapsed = time.perf_counter() - started
-    result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped, nonfinite_steps)
+    result = TrainResult(folder, len(losses), losses, saved, images_seen / elapsed if elapsed > 0 else 0.0, skipped, nonfinite_steps,
+                         preempted)
     if is_main:
         _print_summary(result, elapsed)
     return result

@@ -1,7 +1,9 @@
-"""The command line: ``fastjepa info``."""
+"""The command line: ``fastjepa info``, exit codes of bad input, options."""
 
 import subprocess
 import sys
+
+import pytest
 
 from fastjepa.cli import main
 
@@ -36,3 +38,14 @@ def test_plot_and_eval_bad_input_exit_1_with_one_line(tmp_path, capsys):
 def test_eval_rejects_two_data_sources(tmp_path, capsys):
     assert main(["eval", "knn", "--checkpoint", "x", "--data", str(tmp_path), "--dataset", "digits"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_profile_ranks_option(capsys):
+    from fastjepa.cli import build_parser
+
+    parse = lambda *args: build_parser().parse_args(["train", *args]).profile_ranks
+    assert parse() == (0,) and parse("--profile-ranks", "0,8") == (0, 8) and parse("--profile-ranks", "all") is None
+    for bad in ("x", "-1", "0,,1"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse("--profile-ranks", bad)
+        assert exit_info.value.code == 2 and "--profile-ranks" in capsys.readouterr().err
