@@ -1,8 +1,10 @@
 """Model, optimizer and checkpoint set-up with the reference's signatures (``src/helper.py``).
 
 Differences from the reference, on purpose:
-* no GradScaler: ``init_opt`` returns ``scaler=None`` (bf16 does not overflow here,
-  and the scaler costs a pass over the gradients and a host sync every step);
+* no GradScaler: ``init_opt`` returns ``scaler=None`` (bf16 needs no loss scaling; the
+  trainer's non-finite guard, ``fastjepa.train.nonfinite_flag``, catches what the scaler's
+  inf check would);
+* AdamW is fused on a GPU (``fused=True``: the same update in one kernel);
 * a checkpoint that cannot be loaded raises ``CheckpointError`` instead of being
   logged and silently replaced by a fresh start.
 """
@@ -84,9 +86,11 @@ def init_opt(
     use_bfloat16=False,
     ipe_scale=1.25,
 ):
-    """AdamW over the four parameter groups plus the lr and weight-decay schedules.
+    """AdamW over the four parameter groups plus the lr and weight-decay schedules, fused
+    (one kernel over all parameters, same update) when the parameters are on a GPU.
     Returns ``(optimizer, scaler, scheduler, wd_scheduler)`` with ``scaler`` None."""
-    optimizer = torch.optim.AdamW(_param_groups(encoder, predictor))
+    on_gpu = next(encoder.parameters()).device.type == "cuda"
+    optimizer = torch.optim.AdamW(_param_groups(encoder, predictor), fused=on_gpu or None)
     total_steps = int(ipe_scale * num_epochs * iterations_per_epoch)
     scheduler = WarmupCosineSchedule(
         optimizer,
