@@ -4,8 +4,10 @@
     python benchmarks/bench_step.py --models vit_huge --modes fastjepa,ragged --compile
     python benchmarks/bench_step.py --quick                      # ViT-tiny/8 at 64 px, a few steps: checks the script
 
-Synthetic uint8 images already on the device (the data wait is measured by bench_data.py),
-the published ViT-H/14 mask settings, predictor depth 12 and width 384. Modes:
+Synthetic uint8 images already on the device, or with ``--data BACKEND`` batches from
+fastjepa's loader (pil, dali or torchvision) over generated ImageNet-sized JPEGs, its masks
+drawn one step ahead: the "data wait" phase is then the host time the step waits for its
+batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. Modes:
   reference-eager  our own eager re-creation of the reference's step, for comparison only:
                    attention as explicit matrix products with an fp32 softmax, gathers with an
                    int64 index repeated to (B, K, D) plus cat, the context repeated per target
@@ -34,6 +36,7 @@ import contextlib
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +48,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import RESULTS, hardware, write_rows  # noqa: E402
+from fastjepa.config import validate  # noqa: E402
+from fastjepa.data.loader import make_loader  # noqa: E402
 from fastjepa.data.normalize import normalize  # noqa: E402
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
@@ -67,7 +72,7 @@ MODES = ("reference-eager", "fastjepa", "ragged", "shared-context")
 REFERENCE_SRC_MODE = "reference-src"  # added to the modes by --reference-src DIR
 MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
              min_keep=10, allow_overlap=False)
-PHASES = ("masks", "target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema")
+PHASES = ("data wait", "masks", "target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -170,8 +175,8 @@ class Step:
     """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
 
     def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_models, min_keep, seed=0,
-                 reference_src=None):
-        self.mode, self.device, self.batch = mode, device, batch
+                 reference_src=None, data=None):
+        self.mode, self.device, self.batch, self.data = mode, device, batch, data
         torch.manual_seed(seed)
         self.source = _import_reference(reference_src) if mode == REFERENCE_SRC_MODE else None
         build = self.source["init_model"] if self.source else init_model
@@ -199,14 +204,18 @@ class Step:
 
     def run(self, phase: PhaseTimer) -> torch.Tensor:
         ragged, shared = self.mode == "ragged", self.mode == "shared-context"
-        imgs = normalize(self.images[self.step_index % 2])
-        with phase("masks"):
-            g = torch.Generator().manual_seed(self.step_index)
-            if self.reference:  # host masks, copied from pageable memory
-                masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g)
-                masks_enc, masks_pred = ([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
-            else:
-                masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g, device=self.device, ragged=ragged)
+        if self.data is not None:  # images and masks (drawn one step ahead) from the loader
+            with phase("data wait"):
+                imgs, masks_enc, masks_pred = self.data.next()
+        else:
+            imgs = normalize(self.images[self.step_index % 2])
+            with phase("masks"):
+                g = torch.Generator().manual_seed(self.step_index)
+                if self.reference:  # host masks, copied from pageable memory
+                    masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g)
+                    masks_enc, masks_pred = ([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
+                else:
+                    masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g, device=self.device, ragged=ragged)
         first = masks_enc[0]
         self.context_tokens.append(sum(first.lengths) / first.rows if isinstance(first, PackedMasks) else first.shape[1])
         self.lr_schedule.step(), self.wd_schedule.step()
@@ -262,6 +271,30 @@ class Step:
         return loss.detach()
 
 
+class LoaderBatches:
+    """(images, masks_enc, masks_pred) from fastjepa's loader over a folder of JPEGs, epoch after epoch."""
+
+    def __init__(self, backend: str, folder: Path, crop: int, patch: int, batch: int, min_keep: int, ragged: bool, workers: int,
+                 device: torch.device):
+        config = validate({
+            "data": {"backend": backend, "root_path": str(folder), "image_folder": "", "crop_size": crop, "batch_size": batch,
+                     "num_workers": workers, "repeat": max(1, -(-2 * batch // len(list(folder.glob("*.jpg")))))},
+            "mask": {"patch_size": patch, "min_keep": min_keep, "ragged": ragged},
+        })
+        self.loader = make_loader(config, device, 0, str(folder))
+        self.epoch, self.step, self.batches = 0, 0, iter(())
+
+    def next(self):
+        while True:
+            batch = next(self.batches, None)
+            if batch is None:
+                self.batches = self.loader.epoch(self.epoch, 0, self.step)
+                self.epoch += 1
+            elif len(batch.images):
+                self.step += 1
+                return batch.images, batch.masks_enc, batch.masks_pred
+
+
 def _import_reference(src) -> dict:
     """The reference's init_model, apply_masks and repeat_interleave_batch from a checkout."""
     if src is None:
@@ -292,8 +325,16 @@ def bench(name, spec, mode, device, args) -> dict:
     if args.batch_size:
         batch = args.batch_size
     min_keep = QUICK_MIN_KEEP if args.quick else MASKS["min_keep"]
+    data = None
+    if args.data:
+        from bench_data import GENERATOR_VERSION, QUICK_SIZES, SIZES, generate_images
+
+        sizes = QUICK_SIZES if args.quick else SIZES
+        folder = args.images_dir or Path(tempfile.gettempdir()) / f"fastjepa-bench-data-v{GENERATOR_VERSION}-{args.images}-{sizes[0][0]}"
+        generate_images(folder, args.images, sizes)
+        data = LoaderBatches(args.data, folder, crop, patch, batch, min_keep, mode == "ragged", args.workers, device)
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep,
-                reference_src=args.reference_src)
+                reference_src=args.reference_src, data=data)
     off, on = PhaseTimer(device, enabled=False), PhaseTimer(device, enabled=True)
     for _ in range(args.warmup):
         step.run(off)
@@ -321,7 +362,7 @@ def bench(name, spec, mode, device, args) -> dict:
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "device": device.type, "hardware": hardware(device),
+        "device": device.type, "hardware": hardware(device), "data": args.data or "synthetic",
     }
     if args.peak_tflops:
         row["mfu"] = round(row["achieved_tflop_s"] / args.peak_tflops, 4)
@@ -359,6 +400,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="bf16 matmul ceiling for MFU (default: measured here on a GPU, none on the CPU)")
     parser.add_argument("--reference-src", metavar="DIR", default=None,
                         help="a checkout of facebookresearch/ijepa: also time its real step (mode reference-src)")
+    parser.add_argument("--data", choices=("pil", "dali", "torchvision"),
+                        help="feed the steps from fastjepa's loader with this backend over generated JPEGs (default: synthetic images)")
+    parser.add_argument("--images", type=int, default=512, help="generated JPEGs for --data (default 512)")
+    parser.add_argument("--images-dir", type=Path, help="where the generated JPEGs are kept and reused (default: the temp directory)")
+    parser.add_argument("--workers", type=int, default=8, help="loader workers (DataLoader workers, DALI threads) for --data")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_step.jsonl")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 20)

@@ -24,6 +24,18 @@ def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
     assert ragged["mean_context_tokens"] > fastjepa["mean_context_tokens"]  # nothing truncated
 
 
+def test_steps_fed_by_the_loader_report_the_data_wait(tmp_path):
+    module = load_benchmark("bench_step")
+    results = tmp_path / "rows.jsonl"
+    module.main(["--quick", "--data", "pil", "--images", "12", "--images-dir", str(tmp_path / "jpegs"), "--workers", "0",
+                 "--modes", "fastjepa,ragged", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["fastjepa", "ragged"] and all(r["data"] == "pil" for r in rows)
+    for r in rows:  # the loader decodes in the step's thread (no workers): the step waits for it; masks come with the batch
+        assert r["phase_ms"]["data wait"] > 0 and r["phase_ms"]["masks"] == 0 and r["images_per_s"] > 0
+    assert rows[1]["mean_context_tokens"] > rows[0]["mean_context_tokens"]  # the loader's masks follow mask.ragged
+
+
 def test_reference_eager_step_equals_the_fastjepa_step():
     """Same weights, masks and images: the re-created reference step and fastjepa's step give
     the same loss and the same updated target (fp32 on the CPU, so no autocast)."""
