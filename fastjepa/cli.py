@@ -125,7 +125,10 @@ def _profile_ranks(text: str) -> tuple[int, ...] | None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, FileNotFoundError, NotADirectoryError, FloatingPointError, ValueError, ImportError) as e:
+        print(f"fastjepa {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a folder without write permission: what was saved before is kept
         print(f"fastjepa {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -92,7 +92,12 @@ def setup(device: str | torch.device | None) -> tuple[torch.device, bool]:
     up yet) and pick this process's device: ``cuda`` means ``cuda:LOCAL_RANK``. Returns the
     device and whether this call started the group (the trainer then ends it)."""
     launch = launch_from_environment()
-    requested = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        requested = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if requested.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this torch build or machine has no CUDA device; use cpu")
     if launch.world_size == 1 and not dist.is_initialized():
         return requested, False
     local_rank = launch.local_rank if not dist.is_initialized() else int(os.environ.get("LOCAL_RANK", 0))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastjepa.data.normalize import normalize
-from fastjepa.helper import MODEL_NAMES, CheckpointError, _fit_prefix, read_checkpoint
+from fastjepa.helper import MODEL_NAMES, CheckpointError, _fit_prefix, first_problem, read_checkpoint
 from fastjepa.models import vision_transformer as vit
 
 __all__ = [
@@ -135,7 +135,7 @@ def encoder_from_checkpoint(path, which: str = "target_encoder", model_name=None
         model.load_state_dict(_fit_prefix(state, model))
     except RuntimeError as e:
         described = ", ".join(f"{k}={shape[k]!r}" for k in SHAPE_ARGS)
-        raise CheckpointError(f"checkpoint {os.fspath(path)}: '{which}' does not fit a {described} encoder: {e}") from e
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: '{which}' does not fit a {described} encoder: {first_problem(e)}") from e
     model.eval()
     model.requires_grad_(False)
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 
 import torch
@@ -115,15 +116,33 @@ def _fit_prefix(state: dict, model: torch.nn.Module) -> dict:
     return state
 
 
+def first_problem(error: Exception, limit: int = 300) -> str:
+    """An error message in one line: ``load_state_dict``'s (a header, then a line per problem)
+    as its first problem and how many more there are; any other as its first non-empty line.
+    Cut at ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    problems = lines[1:] if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict") else lines[:1]
+    first = problems[0] if len(problems[0]) <= limit else problems[0][:limit] + " ..."
+    return first + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+
+
 def read_checkpoint(path) -> dict:
     """The checkpoint dict at ``path``, loaded on the CPU; ``CheckpointError`` names the problem."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: wrong for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): not a torch file of tensors and plain values") from e
     except Exception as e:  # truncated, corrupt or not a torch file: every reason is reported the same way
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {first_problem(e)}") from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint
@@ -139,10 +158,12 @@ def load_models(checkpoint: dict, path, encoder, predictor, target_encoder) -> N
     for key, model in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target_encoder)):
         if model is None:
             continue
+        if not isinstance(checkpoint[key], dict):
+            raise CheckpointError(f"checkpoint {path}: '{key}' is a {type(checkpoint[key]).__name__}, expected a state_dict")
         try:
             model.load_state_dict(_fit_prefix(checkpoint[key], model))
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit the model: {e}") from e
+            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit the model: {first_problem(e)}") from e
 
 
 def load_optimizer(checkpoint: dict, path, opt) -> None:
@@ -155,7 +176,7 @@ def load_optimizer(checkpoint: dict, path, opt) -> None:
     try:
         opt.load_state_dict(shard_optimizer_state(checkpoint["opt"], opt))
     except (ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: 'opt' does not fit the optimizer: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: 'opt' does not fit the optimizer: {first_problem(e)}") from e
 
 
 def load_checkpoint(device, r_path, encoder, predictor, target_encoder, opt, scaler):

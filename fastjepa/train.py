@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fastjepa.config import ConfigError, find_key, tiny_preset, validate
 from fastjepa.data.loader import make_loader
 from fastjepa.distributed import any_rank, any_rank_tensor, broadcast_object, full_state, local, rank, setup, unwrap, world_size, wrap
-from fastjepa.helper import init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
+from fastjepa.helper import CheckpointError, init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
@@ -307,14 +307,16 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     tag = config["logging"]["write_tag"]
     this_rank, ranks = rank(), world_size()
     is_main = this_rank == 0
-    resume_path = Path(resume) if resume not in (None, "latest", "auto") else None
-    folder = Path(broadcast_object(str(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))))
-    folder.mkdir(parents=True, exist_ok=True)
-    config["logging"]["folder"] = str(folder)
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    resume_path = Path(resume) if resume not in (None, "latest", "auto") else None
+    if resume_path is not None and not out and not config["logging"]["folder"] and not resume_path.is_file():
+        raise CheckpointError(f"checkpoint not found: {resume_path}")  # before its folder would become the run folder
+    folder = Path(broadcast_object(str(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))))
+    folder.mkdir(parents=True, exist_ok=True)
+    config["logging"]["folder"] = str(folder)
     say = print if is_main else (lambda *a, **k: None)
 
     loader = make_loader(config, device, seed, data_root(config), this_rank, ranks)
@@ -337,15 +339,19 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     if checkpoint is not None:
         load_optimizer(checkpoint, checkpoint_path, optimizer)
         state = checkpoint.get("fastjepa")
-        if state is not None:  # a fastjepa checkpoint: resume at the exact step
-            start_epoch, start_itr = state["epoch"], state["itr"]
-            lr_scheduler.load_state_dict(state["lr_schedule"])
-            wd_scheduler.load_state_dict(state["wd_schedule"])
-            momentum_scheduler.load_state_dict(state["momentum_schedule"])
-        else:  # a reference checkpoint: replay the schedules over the completed epochs
-            start_epoch = checkpoint["epoch"]
-            for _ in range(start_epoch * ipe):
-                lr_scheduler.step(), wd_scheduler.step(), next(momentum_scheduler)
+        try:
+            if state is not None:  # a fastjepa checkpoint: resume at the exact step
+                start_epoch, start_itr = int(state["epoch"]), int(state["itr"])
+                lr_scheduler.load_state_dict(state["lr_schedule"])
+                wd_scheduler.load_state_dict(state["wd_schedule"])
+                momentum_scheduler.load_state_dict(state["momentum_schedule"])
+            else:  # a reference checkpoint: replay the schedules over the completed epochs
+                start_epoch = int(checkpoint["epoch"])
+                for _ in range(start_epoch * ipe):
+                    lr_scheduler.step(), wd_scheduler.step(), next(momentum_scheduler)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            entry = "fastjepa" if state is not None else "epoch"
+            raise CheckpointError(f"checkpoint {checkpoint_path}: its '{entry}' entry is malformed ({type(e).__name__}: {e})") from e
         say(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_itr} of {ipe}")
         del checkpoint
 

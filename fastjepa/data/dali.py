@@ -106,13 +106,16 @@ class DaliLoader(ImageLoader):
 
     def _exclude(self, error: RuntimeError, window: np.ndarray) -> None:
         """Add the file DALI names in ``error`` to the failed ones, if it is one of the
-        window's; else raise a one-line error."""
+        window's (or the spare file read in place of a batch of failed ones); else raise a
+        one-line error."""
         named = re.search(r"Failed to decode sample #\d+ : (.+)", str(error))
-        candidates = {self.paths[i]: i for i in window.ravel()}
+        window_files = {self.paths[i]: i for i in window.ravel()}
+        spare = next((i for i in range(self.num_images) if i not in self.failed), None)  # _run reads it for a batch of failed files
+        candidates = window_files if spare is None else {**window_files, self.paths[spare]: spare}
         path = named.group(1).strip() if named else None
         detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         if path not in candidates or candidates[path] in self.failed:
-            raise ValueError(f"DALI failed to decode one of {len(candidates)} files ({', '.join(list(candidates)[:3])}, ...): {detail}; "
+            raise ValueError(f"DALI failed to decode one of {len(window_files)} files ({', '.join(list(window_files)[:3])}, ...): {detail}; "
                              f"`fastjepa data verify {self.root} --move-to DIR` moves unreadable files aside") from error
         self.failed.add(candidates[path])
         if len(self.failed) == self.num_images:

@@ -61,10 +61,10 @@ def list_images(root: str) -> ImageList:
     Files without an image extension are not loaded; they are listed in ``skipped``.
     """
     root = os.fspath(root)
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
-        raise NotADirectoryError(f"image folder {root!r} is not a directory")
+        if os.path.exists(root.rstrip(os.sep) or root):  # "file/" does not exist, "file" does
+            raise NotADirectoryError(f"image folder {root!r} is not a directory")
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
 
     per_class: dict[str, list[str]] = {}
     skipped: list[str] = []

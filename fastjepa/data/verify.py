@@ -53,10 +53,10 @@ def verify_folder(root: str, move_to: str | None = None, workers: int = 1, progr
     """Check every image file under root (in ``workers`` processes); move the bad ones
     to ``move_to`` under their path relative to root when given."""
     root = os.fspath(root)
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"{root!r} does not exist")
     if not os.path.isdir(root):
-        raise NotADirectoryError(f"{root!r} is not a directory")
+        if os.path.exists(root.rstrip(os.sep) or root):  # "file/" does not exist, "file" does
+            raise NotADirectoryError(f"{root!r} is not a directory")
+        raise FileNotFoundError(f"{root!r} does not exist")
     if move_to is not None and Path(move_to).resolve().is_relative_to(Path(root).resolve()):
         raise ValueError(f"the folder for bad files {move_to!r} is inside {root!r}, where training would read them; choose one outside it")
     report = VerifyReport()

@@ -22,6 +22,8 @@ Backends: ``triton`` (forward and backward kernels in ``kernels/attention.py``) 
 
 from __future__ import annotations
 
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -255,8 +257,14 @@ def _check_offsets(offsets: Tensor, total: int, max_seqlen: int) -> None:
     _device_check((lengths <= max_seqlen).all(), f"shared_context_attention: max_seqlen {max_seqlen} is smaller than a context or block in offsets")
 
 
-def _scale(softmax_scale, head_dim: int) -> float:
-    return float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+def _scale(op: str, softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return float(head_dim**-0.5)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"{op}: softmax_scale must be a number or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float | None = None, return_lse: bool = False):
@@ -269,7 +277,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float 
     if cu_seqlens.device != q.device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     _check_max_seqlen(op, max_seqlen)
-    out, lse = _varlen_attention(q, k, v, cu_seqlens, max_seqlen, _scale(softmax_scale, q.shape[-1]))
+    out, lse = _varlen_attention(q, k, v, cu_seqlens, max_seqlen, _scale(op, softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
 
 
@@ -283,5 +291,5 @@ def shared_context_attention(q, k, v, offsets, max_seqlen: int, softmax_scale: f
     if offsets.device != q.device:
         raise ValueError(f"{op}: offsets is on {offsets.device} but q is on {q.device}")
     _check_max_seqlen(op, max_seqlen)
-    out, lse = _shared_context_attention(q, k, v, offsets, max_seqlen, _scale(softmax_scale, q.shape[-1]))
+    out, lse = _shared_context_attention(q, k, v, offsets, max_seqlen, _scale(op, softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out

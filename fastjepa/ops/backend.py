@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
+import numbers
 import os
 from typing import Callable, Iterator
 
@@ -128,10 +130,32 @@ def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], s
     return "torch"
 
 
-def check_tensor_lists(op: str, lists: dict[str, list], device: torch.device, device_owner: str) -> None:
+def check_number(op: str, name: str, value, low: float = 0.0, high: float = math.inf) -> float:
+    """A host number (Python or NumPy, not a bool) in [low, high] and finite, as a float; else
+    TypeError/ValueError naming ``name``. (A tensor's value is not checked here: that would
+    cost a host sync.)"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number or a tensor, got {type(value).__name__}")
+    if not (low <= value <= high and math.isfinite(value)):
+        allowed = f"in [{low:g}, {high:g}]" if high < math.inf else f"finite and >= {low:g}"
+        raise ValueError(f"{op}: {name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def tensor_list(op: str, name: str, tensors) -> list:
+    """A sequence of tensors (a list, a tuple, ``model.parameters()``) as a list; a single
+    tensor or a non-iterable raises TypeError naming ``name``."""
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
+        got = "a single tensor (wrap it in a list)" if isinstance(tensors, torch.Tensor) else type(tensors).__name__
+        raise TypeError(f"{op}: {name} must be a sequence of tensors, got {got}")
+    return list(tensors)
+
+
+def check_tensor_lists(op: str, lists: dict[str, list], device: torch.device | None, device_owner: str) -> None:
     """Validate parallel lists of tensors (one entry per parameter): every entry a float tensor
-    on ``device`` (whose owner ``device_owner`` names), shaped like the same entry of the first
-    list. Raises TypeError/ValueError naming the list and the index."""
+    on ``device`` (whose owner ``device_owner`` names; None: the first list's first tensor's),
+    shaped like the same entry of the first list. Raises TypeError/ValueError naming the list
+    and the index."""
     first_name, first = next(iter(lists.items()))
     for name, tensors in lists.items():
         for i, t in enumerate(tensors):
@@ -139,6 +163,7 @@ def check_tensor_lists(op: str, lists: dict[str, list], device: torch.device, de
                 raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
             if not t.is_floating_point():
                 raise TypeError(f"{op}: {name}[{i}] must be a float tensor, got {t.dtype}")
+            device = t.device if device is None else device
             if t.device != device:
                 raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {device_owner} is on {device}: all tensors must share one device")
             if t.shape != first[i].shape:

@@ -4,8 +4,8 @@
 (one launch for the whole list on CUDA, by csrc/ema.cu or the Triton kernel), and when
 ``shadows`` are given also writes the new target into them in their dtype (a bf16 copy for
 the next forward) in the same pass.
-``momentum`` is a float or a 0-d tensor on the tensors' device; a device tensor costs no
-host sync, and a changing value never recompiles anything.
+``momentum`` is a float in [0, 1] or a 0-d tensor on the tensors' device; a device tensor
+costs no host sync (its value is not checked), and a changing value never recompiles anything.
 
 The torch backend is the reference trainer's update, ``t.mul_(m).add_((1 - m) * o)``,
 done in the target's dtype; the kernels compute ``m * t + (1 - m) * o`` in fp32 (within
@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_tensor_lists, cuda_launch, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_number, check_tensor_lists, cuda_launch, select, tensor_list
 
 KERNEL_ONLINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -93,15 +93,15 @@ def _(targets, onlines, momentum, shadows):
 def ema_update_(targets: Sequence[Tensor], onlines: Sequence[Tensor], momentum: float | Tensor, shadows: Sequence[Tensor] = ()) -> None:
     """EMA of ``onlines`` into ``targets`` (and ``shadows``): see the module docstring."""
     op = "ema_update_"
-    targets, onlines, shadows = list(targets), list(onlines), list(shadows)
+    targets, onlines, shadows = tensor_list(op, "targets", targets), tensor_list(op, "onlines", onlines), tensor_list(op, "shadows", shadows)
     if len(targets) != len(onlines):
         raise ValueError(f"{op}: {len(targets)} target tensors but {len(onlines)} online tensors")
     if shadows and len(shadows) != len(targets):
         raise ValueError(f"{op}: {len(shadows)} shadow tensors for {len(targets)} targets (give one per target, or none)")
     if not targets:
         return
+    check_tensor_lists(op, {"targets": targets, "onlines": onlines, "shadows": shadows}, None, "targets[0]")
     device = targets[0].device
-    check_tensor_lists(op, {"targets": targets, "onlines": onlines, "shadows": shadows}, device, "targets[0]")
     if isinstance(momentum, Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"{op}: momentum must be a float or a 0-d float tensor, got {momentum.dtype} of shape {tuple(momentum.shape)}")
@@ -109,5 +109,5 @@ def ema_update_(targets: Sequence[Tensor], onlines: Sequence[Tensor], momentum: 
             raise ValueError(f"{op}: momentum is on {momentum.device} but the tensors are on {device}")
     else:
         dtype = torch.float64 if targets[0].dtype == torch.float64 else torch.float32
-        momentum = torch.full((), float(momentum), device=device, dtype=dtype)
+        momentum = torch.full((), check_number(op, "momentum", momentum, 0.0, 1.0), device=device, dtype=dtype)
     _ema_update_(targets, onlines, momentum, shadows)

@@ -56,14 +56,14 @@ def _check_same_device(op: str, **tensors: Tensor | None) -> None:
         raise ValueError(f"{op}: tensors are on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 
-def _pos_table(pos: Tensor | None, D: int, op: str) -> Tensor | None:
-    """(N, D) view of a (N, D) or (1, N, D) position table."""
+def _pos_table(pos: Tensor | None, D: int, op: str, width_of: str) -> Tensor | None:
+    """(N, D) view of a (N, D) or (1, N, D) position table; ``width_of`` names the tensor D comes from."""
     if pos is None:
         return None
     _check_float("pos", pos, op)
     table = pos[0] if pos.dim() == 3 and pos.shape[0] == 1 else pos
     if table.dim() != 2 or table.shape[1] != D:
-        raise ValueError(f"{op}: pos must be (N, {D}) or (1, N, {D}), got {tuple(pos.shape)}")
+        raise ValueError(f"{op}: pos must be (N, {D}) or (1, N, {D}) (D = {width_of}.shape[-1]), got {tuple(pos.shape)}")
     return table
 
 
@@ -277,7 +277,7 @@ def gather_tokens(x: Tensor, idx: Tensor, pos: Tensor | None = None, cu_seqlens:
         raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
     B, N, D = x.shape
     _check_index("idx", idx, op)
-    table = _pos_table(pos, D, op)
+    table = _pos_table(pos, D, op, "x")
     if table is not None and table.shape[0] < N:
         raise ValueError(f"{op}: pos has {table.shape[0]} rows but x has {N} tokens")
     if cu_seqlens is None:
@@ -345,8 +345,11 @@ def pos_tokens(base: Tensor, idx: Tensor, pos: Tensor) -> Tensor:
     op = "pos_tokens"
     _check_float("base", base, op)
     _check_index("idx", idx, op)
-    D = base.shape[-1] if base.dim() > 0 else 0
-    table = _pos_table(pos, D, op)
+    _check_float("pos", pos, op)
+    if base.dim() == 0:
+        raise ValueError(f"{op}: base must be (D,) or idx.shape + (D,), got a 0-d tensor")
+    D = base.shape[-1]
+    table = _pos_table(pos, D, op, "base")
     if base.dim() != 1 and tuple(base.shape) != (*idx.shape, D):
         raise ValueError(f"{op}: base must be (D,) or idx.shape + (D,) = {(*idx.shape, D)}, got {tuple(base.shape)}")
     if base.dim() > 1 and not base.is_contiguous():

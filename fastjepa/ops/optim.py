@@ -11,9 +11,9 @@ betas=(0.9, 0.999), eps=1e-8, targets=(), momentum=None, shadows=())`` does, in 
    (``ema_update_``), and with ``shadows`` the new targets in the shadows' dtype.
 
 ``step`` is a 0-d float32 tensor (``AdamW``'s ``state["step"]``); ``lr`` and ``weight_decay``
-are floats or tensors of 1 or G values (one per group) and ``groups[i]`` is the group of
-``params[i]`` (default 0); ``momentum`` a float or a 0-d tensor. Tensors on the device cost
-no host sync, so schedules can change every step.
+are floats >= 0 or tensors of 1 or G values (one per group) and ``groups[i]`` is the group of
+``params[i]`` (default 0); ``momentum`` a float in [0, 1] or a 0-d tensor. Tensors on the device
+cost no host sync (their values are not checked), so schedules can change every step.
 
 The torch backend is that math, operation by operation as ``torch.optim.AdamW`` (the
 single-tensor implementation) does it, so on the CPU it equals ``AdamW`` then ``ema_update_``
@@ -24,12 +24,14 @@ once; the GPU's fused multiply-adds move some results by an ulp.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_tensor_lists, cuda_launch, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, check_number, check_tensor_lists, cuda_launch, select, tensor_list
 from fastjepa.ops.ema import KERNEL_ONLINE_DTYPES, torch_ema_
 
 
@@ -102,10 +104,10 @@ def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta
     return None
 
 
-def _device_scalars(op: str, name: str, value: float | Tensor, device: torch.device, allow_vector: bool) -> Tensor:
-    """A float, 0-d or (allow_vector) 1-D float tensor on ``device`` as a 1-D tensor."""
+def _device_scalars(op: str, name: str, value: float | Tensor, device: torch.device, allow_vector: bool, high: float = math.inf) -> Tensor:
+    """A float in [0, high], a 0-d or (allow_vector) 1-D float tensor on ``device`` as a 1-D tensor."""
     if not isinstance(value, Tensor):
-        return torch.full((1,), float(value), device=device, dtype=torch.float32)
+        return torch.full((1,), check_number(op, name, value, 0.0, high), device=device, dtype=torch.float32)
     if not value.is_floating_point() or value.dim() > (1 if allow_vector else 0) or value.numel() == 0:
         shape = "a 0-d or 1-D" if allow_vector else "a 0-d"
         raise ValueError(f"{op}: {name} must be a float or {shape} float tensor, got {value.dtype} of shape {tuple(value.shape)}")
@@ -132,8 +134,9 @@ def adamw_ema_(
 ) -> None:
     """AdamW step of ``params`` then EMA into ``targets`` (and ``shadows``): see the module docstring."""
     op = "adamw_ema_"
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
-    targets, shadows = list(targets), list(shadows)
+    params, grads = tensor_list(op, "params", params), tensor_list(op, "grads", grads)
+    exp_avgs, exp_avg_sqs = tensor_list(op, "exp_avgs", exp_avgs), tensor_list(op, "exp_avg_sqs", exp_avg_sqs)
+    targets, shadows = tensor_list(op, "targets", targets), tensor_list(op, "shadows", shadows)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if targets:
         lists["targets"] = targets
@@ -153,17 +156,24 @@ def adamw_ema_(
         for i, (t, p) in enumerate(zip(lists[name], params)):
             if t.dtype != p.dtype:
                 raise TypeError(f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
-    beta1, beta2 = (float(b) for b in betas)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(isinstance(b, numbers.Real) for b in betas):
+        raise ValueError(f"{op}: betas must be a pair of numbers (beta1, beta2), got {betas!r}")
+    beta1, beta2 = float(betas[0]), float(betas[1])
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"{op}: betas must lie in [0, 1), got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    eps = check_number(op, "eps", eps)
     lr = _device_scalars(op, "lr", lr, device, allow_vector=True)
     weight_decay = _device_scalars(op, "weight_decay", weight_decay, device, allow_vector=True)
     num_groups = max(lr.numel(), weight_decay.numel())
     if lr.numel() not in (1, num_groups) or weight_decay.numel() not in (1, num_groups):
         raise ValueError(f"{op}: lr has {lr.numel()} values and weight_decay {weight_decay.numel()}: give each 1 value or one per group")
-    groups = [0] * len(params) if groups is None else [int(g) for g in groups]
+    if groups is None:
+        groups = [0] * len(params)
+    else:
+        not_ints = [g for g in groups if not isinstance(g, numbers.Integral)]
+        if not_ints:
+            raise TypeError(f"{op}: groups must hold int group indices, got {not_ints[0]!r} ({type(not_ints[0]).__name__})")
+        groups = [int(g) for g in groups]
     if len(groups) != len(params):
         raise ValueError(f"{op}: {len(groups)} groups for {len(params)} params (give one group index per parameter)")
     if any(not 0 <= g < num_groups for g in groups):
@@ -171,8 +181,8 @@ def adamw_ema_(
     if targets and momentum is None:
         raise ValueError(f"{op}: targets need a momentum")
     if momentum is not None:
-        momentum = _device_scalars(op, "momentum", momentum, device, allow_vector=False).reshape(())
+        momentum = _device_scalars(op, "momentum", momentum, device, allow_vector=False, high=1.0).reshape(())
     _adamw_ema_(
         params, grads, exp_avgs, exp_avg_sqs, step, lr.expand(num_groups), weight_decay.expand(num_groups), groups,
-        beta1, beta2, float(eps), targets, momentum, shadows,
+        beta1, beta2, eps, targets, momentum, shadows,
     )
