@@ -2,7 +2,6 @@
 
 import csv
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from PIL import Image
 
 from fastjepa.cli import main as cli
 from fastjepa.config import tiny_preset
-from fastjepa.data import default_photos_dir
 from fastjepa.data.loader import backend_problem
 from fastjepa.helper import read_checkpoint
 from fastjepa.train import CSV_COLUMNS, fit, main
