@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from common import RESULTS, hardware, write_rows  # noqa: E402
 from fastjepa.config import validate  # noqa: E402
 from fastjepa.data import IMAGENET_MEAN, IMAGENET_STD, default_photos_dir, list_images  # noqa: E402
-from fastjepa.data.images import random_resized_crop_box  # noqa: E402
+from fastjepa.data.images import random_resized_crop_box, to_uint8_chw  # noqa: E402
 from fastjepa.data.loader import backend_problem, make_loader  # noqa: E402
 from fastjepa.masks import MaskCollator  # noqa: E402
 
@@ -86,6 +86,14 @@ def generate_images(folder: Path, count: int, sizes) -> Path:
     return folder
 
 
+def generated_images(count: int, quick: bool, folder: Path | None = None) -> Path:
+    """The folder of ``count`` generated JPEGs (small ones with ``quick``), made once: ``folder``
+    or one named after the generator version, count and sizes in the temp directory."""
+    sizes = QUICK_SIZES if quick else SIZES
+    folder = folder or Path(tempfile.gettempdir()) / f"fastjepa-bench-data-v{GENERATOR_VERSION}-{count}-{sizes[0][0]}"
+    return generate_images(folder, count, sizes)
+
+
 # ---------------------------------------------------------------------------- reference-style
 
 
@@ -99,7 +107,7 @@ def reference_transform(crop: int):
         def transform(img):
             left, top, w, h = random_resized_crop_box(img.width, img.height, torch.default_generator, (0.3, 1.0))
             img = img.crop((left, top, left + w, top + h)).resize((crop, crop), Image.Resampling.BILINEAR)
-            x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
+            x = to_uint8_chw(img).float().div(255)  # ToTensor
             return x.sub_(mean).div_(std)  # Normalize
 
         return transform, "pil-equivalent"
@@ -228,11 +236,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.batch_size, args.workers, args.repeat, args.epochs = 12, 4, "1", 1, 1
-    sizes = QUICK_SIZES if args.quick else SIZES
     workers = [int(w) for w in args.workers.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    folder = args.images_dir or Path(tempfile.gettempdir()) / f"fastjepa-bench-data-v{GENERATOR_VERSION}-{args.images}-{sizes[0][0]}"
-    generate_images(folder, args.images, sizes)
+    folder = generated_images(args.images, args.quick, args.images_dir)
     files = list_images(folder).paths
     mean_kb = sum(os.path.getsize(p) for p in files) / len(files) / 1024
     print(f"{len(files)} JPEGs in {folder}, {mean_kb:.0f} KB on average; crop {args.crop}, batch {args.batch_size}, "

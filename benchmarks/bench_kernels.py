@@ -57,6 +57,7 @@ from fastjepa.models import vision_transformer as vit  # noqa: E402
 from fastjepa.ops import adamw_ema_, ema_update_, gather_tokens, use_backend  # noqa: E402
 from fastjepa.ops.backend import device_problem  # noqa: E402
 from attention_peers import PEERS, AttentionCase, Unavailable  # noqa: E402
+from report import REFERENCES  # noqa: E402
 
 # model -> (patch size, image size)
 MODELS = {"vit_base": (16, 224), "vit_large": (16, 224), "vit_huge": (14, 224)}
@@ -358,16 +359,12 @@ def timed(run, device, quick):
     return {k: round(v, 5) for k, v in times.items()}
 
 
-REFERENCE_PROVIDERS = {"gather": "reference apply_masks", "ema": "reference loop", "adamw_ema": "torch AdamW(fused)+_foreach_lerp_",
-                       "attention": "varlen_attn"}
-
-
 def print_table(rows):
     header = (f"{'op':<10}{'mode':<9}{'case':<34}{'provider':<36}{'median ms':>11}{'p20':>9}{'p80':>9}"
               f"{'rate':>16}{'% copy':>8}{'vs ref':>8}")
     print(header)
     print("-" * len(header))
-    reference = {(r["op"], r["mode"], r["model"]): r["median_ms"] for r in rows if r["provider"] == REFERENCE_PROVIDERS[r["op"]]}
+    reference = {(r["op"], r["mode"], r["model"]): r["median_ms"] for r in rows if r["provider"] == REFERENCES[r["op"]]}
     for r in rows:
         ref = reference.get((r["op"], r["mode"], r["model"]))
         speedup = f"{ref / r['median_ms']:7.2f}x" if ref else ""

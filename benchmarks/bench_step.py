@@ -36,7 +36,6 @@ import contextlib
 import copy
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.masks.utils import PackedMasks  # noqa: E402
+from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
 from fastjepa.train import nonfinite_flag, target_tokens, update_target  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
@@ -84,7 +84,7 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device, enabled: bool):
         self.device, self.enabled, self.marks = device, enabled, []
-        self.nvtx = _nvtx_range() if enabled else None
+        self.nvtx = (nvtx_range(device) or (lambda name: contextlib.nullcontext())) if enabled else None
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -113,17 +113,6 @@ class PhaseTimer:
             totals[name] = totals.get(name, 0.0) + ms
         self.marks = []
         return totals
-
-
-def _nvtx_range():
-    try:
-        import nvtx
-
-        return lambda name: nvtx.annotate(name)
-    except ImportError:
-        if torch.cuda.is_available():
-            return torch.cuda.nvtx.range
-        return lambda name: contextlib.nullcontext()
 
 
 # ----------------------------------------------------------- the reference's step, re-created
@@ -327,11 +316,9 @@ def bench(name, spec, mode, device, args) -> dict:
     min_keep = QUICK_MIN_KEEP if args.quick else MASKS["min_keep"]
     data = None
     if args.data:
-        from bench_data import GENERATOR_VERSION, QUICK_SIZES, SIZES, generate_images
+        from bench_data import generated_images
 
-        sizes = QUICK_SIZES if args.quick else SIZES
-        folder = args.images_dir or Path(tempfile.gettempdir()) / f"fastjepa-bench-data-v{GENERATOR_VERSION}-{args.images}-{sizes[0][0]}"
-        generate_images(folder, args.images, sizes)
+        folder = generated_images(args.images, args.quick, args.images_dir)
         data = LoaderBatches(args.data, folder, crop, patch, batch, min_keep, mode == "ragged", args.workers, device)
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep,
                 reference_src=args.reference_src, data=data)

@@ -322,18 +322,18 @@ def print_tables(rows, rate, backward, counts) -> None:
     cell = {(r["gpu"], r["grad_dtype"], r["gpus"]): r for r in eff}
     print(f"\n{eff[0]['model']}: one-GPU rate {rate['value']:.1f} img/s on {rate['gpu']} ({rate['source']})")
     print(f"backward share of the step {backward['value']:.3f} ({backward['source']})")
-    print("\nefficiency (exposed communication ms / compute ms per step), global batch 2048")
-    print(f"{'cluster':<8}{'grad':<6}" + "".join(f"{f'N={n}':>20}" for n in counts))
-    for gpu in GPUS:
-        for dtype in GRAD_DTYPES:
-            print(f"{gpu:<8}{dtype:<6}" + "".join(
-                f"{c['efficiency']:>8.3f} ({c['exposed_ms']:>4.1f}/{c['compute_ms']:<4.0f})" for c in (cell[gpu, dtype, n] for n in counts)))
-    print("\nfastest one-GPU rate (img/s) whose backward still hides the all-reduce (all buckets but the last)")
-    print(f"{'cluster':<8}{'grad':<6}" + "".join(f"{f'N={n}':>10}" for n in counts))
-    for gpu in GPUS:
-        for dtype in GRAD_DTYPES:
-            print(f"{gpu:<8}{dtype:<6}" + "".join(
-                f"{c['hidden_up_to_img_per_s'] or math.inf:>10.0f}" for c in (cell[gpu, dtype, n] for n in counts)))
+
+    def grid(title, width, text):  # a row per (cluster, gradient dtype), a column per GPU count
+        print(f"\n{title}")
+        print(f"{'cluster':<8}{'grad':<6}" + "".join(f"{f'N={n}':>{width}}" for n in counts))
+        for gpu in GPUS:
+            for dtype in GRAD_DTYPES:
+                print(f"{gpu:<8}{dtype:<6}" + "".join(text(cell[gpu, dtype, n]) for n in counts))
+
+    grid("efficiency (exposed communication ms / compute ms per step), global batch 2048", 20,
+         lambda c: f"{c['efficiency']:>8.3f} ({c['exposed_ms']:>4.1f}/{c['compute_ms']:<4.0f})")
+    grid("fastest one-GPU rate (img/s) whose backward still hides the all-reduce (all buckets but the last)", 10,
+         lambda c: f"{c['hidden_up_to_img_per_s'] or math.inf:>10.0f}")
     print("\n300 epochs at batch 2048, fp32 gradients: wall-clock hours (GPU-hours)")
     print(f"{'cluster':<8}{'img/s/GPU':>10}" + "".join(f"{f'N={n}':>17}" for n in counts))
     for gpu in GPUS:

@@ -138,18 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="pretrain I-JEPA (default: ViT-tiny on the embedded photos)",
+    # what train and submit share: the config, the run folder and the run's length
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format (its published configs work unchanged)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: logging.folder, else a new folder here; submit needs one)")
+    run.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
+
+    train = commands.add_parser("train", parents=[run], help="pretrain I-JEPA (default: ViT-tiny on the embedded photos)",
                                 description="Pretrain I-JEPA. Without --config: a tiny preset on photos shipped with fastjepa.")
-    train.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format (its published configs work unchanged)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    train.add_argument("--out", metavar="DIR", help="output folder (default: logging.folder, else a new folder here)")
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best present)")
-    train.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                        help="continue from a checkpoint: PATH, latest (the default: the run folder's -latest checkpoint) "
                             "or auto (latest when it exists, else a fresh start: for requeued jobs)")
-    train.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
     train.add_argument("--dry-run", action="store_true", help="check the config and print the plan (sizes, FLOPs, memory); read no data")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--profile-steps", type=_profile_steps, metavar="A:B",
@@ -160,12 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the ranks that profile under torchrun (default 0)")
     train.set_defaults(run=_train)
 
-    submit = commands.add_parser("submit", help="pretrain on a SLURM cluster through submitit (requeued after time limits)",
+    submit = commands.add_parser("submit", parents=[run], help="pretrain on a SLURM cluster through submitit (requeued after time limits)",
                                  description="Submit fastjepa train as a SLURM job through submitit (pip install 'fastjepa[submit]'): "
                                              "one process per GPU; at the time limit the job writes its checkpoint and is requeued.")
-    submit.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format")
-    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    submit.add_argument("--out", metavar="DIR", help="the run folder (default: logging.folder); requeued jobs resume from it")
     submit.add_argument("--nodes", type=_positive_int, default=1)
     submit.add_argument("--tasks-per-node", type=_positive_int, default=1, metavar="N", help="processes per node, one per GPU")
     submit.add_argument("--time", type=_positive_int, default=4300, metavar="MIN", help="time limit per job in minutes (default 4300)")
@@ -173,9 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--account")
     submit.add_argument("--cpus-per-task", type=_positive_int, default=10)
     submit.add_argument("--cluster", choices=("slurm", "local", "debug"), help="submitit executor (default: slurm when sbatch is found)")
-    submit.add_argument("--seed", type=int, default=0)
-    submit.add_argument("--max-steps", type=_positive_int, metavar="N")
-    submit.add_argument("--checkpoint-every", type=_positive_int, metavar="N")
     submit.set_defaults(run=_submit)
 
     plot = commands.add_parser("plot", help="draw a run's loss, lr, momentum and throughput curves to PNG")

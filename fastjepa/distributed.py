@@ -100,29 +100,44 @@ def setup(device: str | torch.device | None) -> tuple[torch.device, bool]:
         raise ValueError(f"device {device}: this torch build or machine has no CUDA device; use cpu")
     if launch.world_size == 1 and not dist.is_initialized():
         return requested, False
-    local_rank = launch.local_rank if not dist.is_initialized() else int(os.environ.get("LOCAL_RANK", 0))
     if requested.type == "cuda":
         if requested.index is not None and launch.world_size > 1:
             raise ValueError(f"--device {requested} names one GPU, but {launch.world_size} processes share the node: "
                              f"give --device cuda (each process takes cuda:LOCAL_RANK)")
-        requested = torch.device("cuda", local_rank)
+        requested = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(requested)
     if dist.is_initialized():
         return requested, False
     if launch.master_addr is not None:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = launch.master_addr, str(launch.master_port)
-    backend = "nccl" if requested.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                            device_id=requested if requested.type == "cuda" else None)
+    global _host_group
+    if requested.type == "cuda":
+        dist.init_process_group("nccl", rank=launch.rank, world_size=launch.world_size, device_id=requested)
+        _host_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world_size)
     return requested, True
+
+
+def teardown() -> None:
+    """End the process group ``setup`` started."""
+    global _host_group
+    _host_group = None
+    dist.destroy_process_group()
+
+
+# Flags decided on the host (a preemption notice, an empty batch) are all-reduced over gloo:
+# over NCCL they would wait for every kernel queued before them, a GPU drain every step.
+_host_group = None  # set by setup() when it starts NCCL; otherwise the default group serves
 
 
 def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
     """Each flag or'ed over the ranks (one collective: every rank must call it)."""
     if not is_distributed():
         return flags
-    values = torch.tensor([int(flag) for flag in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    on_host = _host_group is not None or dist.get_backend() == "gloo"
+    values = torch.tensor([int(flag) for flag in flags], device="cpu" if on_host else device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group)
     return tuple(bool(v) for v in values.tolist())
 
 

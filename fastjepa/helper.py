@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import tempfile
+import zipfile
 
 import torch
 
@@ -139,9 +140,9 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: wrong for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): not a torch file of tensors and plain values") from e
     except Exception as e:  # truncated, corrupt or not a torch file: every reason is reported the same way
+        if isinstance(e, pickle.UnpicklingError) or not zipfile.is_zipfile(path):  # torch's own message would be about pickling
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): not a torch file (or a truncated one)") from e
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {first_problem(e)}") from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")

@@ -28,7 +28,9 @@ def parse_profile_steps(text: str) -> tuple[int, int]:
     return first, end
 
 
-def _nvtx_range(device: torch.device):
+def nvtx_range(device: torch.device):
+    """name -> a context manager marking an NVTX range: the ``nvtx`` package's when installed,
+    else torch's on CUDA; None on the CPU without the package."""
     try:
         import nvtx
 
@@ -45,7 +47,8 @@ class StepProfiler:
         self.cuda_range = steps if device.type == "cuda" else None
         self.torch_dir = Path(torch_profiler) if torch_profiler is not None else None
         self.torch_range = (steps or DEFAULT_TORCH_PROFILER_STEPS) if self.torch_dir is not None else None
-        self.nvtx = _nvtx_range(device) if steps is not None else None
+        self.ranges = {name: r for name, r in (("cuda", self.cuda_range), ("torch", self.torch_range)) if r is not None}
+        self.nvtx = nvtx_range(device) if steps is not None else None
         self.profile = None
         self.ranges_seen = set()
         if steps is not None and device.type != "cuda":
@@ -53,14 +56,14 @@ class StepProfiler:
 
     @contextlib.contextmanager
     def step(self, n: int):
-        for name, (first, _) in (("cuda", self.cuda_range or (-1, -1)), ("torch", self.torch_range or (-1, -1))):
+        for name, (first, _) in self.ranges.items():
             if n == first:
                 self._start(name)
         with self.nvtx(f"step {n}") if self.nvtx else contextlib.nullcontext():
             yield
-        for name, (_, end) in (("cuda", self.cuda_range or (-1, -1)), ("torch", self.torch_range or (-1, -1))):
+        for name, (_, end) in self.ranges.items():
             if n + 1 == end:
-                self._stop(name, n)
+                self._stop(name)
 
     def _start(self, name: str) -> None:
         self.ranges_seen.add(name)
@@ -73,7 +76,7 @@ class StepProfiler:
             self.profile = torch.profiler.profile(activities=activities)
             self.profile.start()
 
-    def _stop(self, name: str, n: int) -> None:
+    def _stop(self, name: str) -> None:
         if name not in self.ranges_seen:
             return
         self.ranges_seen.discard(name)
@@ -94,7 +97,7 @@ class StepProfiler:
     def close(self, last_step: int) -> None:
         """Stop a range the run ended inside; say when a range was never reached."""
         for name in sorted(self.ranges_seen):
-            self._stop(name, last_step)
+            self._stop(name)
         for name, bounds in (("--profile-steps", self.cuda_range), ("--torch-profiler", self.torch_range)):
             if bounds is not None and last_step < bounds[0]:
                 print(f"{name}: the run ended at step {last_step}, before step {bounds[0]}: nothing was profiled")

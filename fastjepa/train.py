@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from fastjepa.config import ConfigError, find_key, tiny_preset, validate
 from fastjepa.data.loader import make_loader
-from fastjepa.distributed import any_rank, any_rank_tensor, broadcast_object, full_state, local, rank, setup, unwrap, world_size, wrap
+from fastjepa.distributed import (any_rank, any_rank_tensor, broadcast_object, full_state, local, rank, setup, teardown, unwrap,
+                                  world_size, wrap)
 from fastjepa.helper import CheckpointError, init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
@@ -37,6 +38,7 @@ class StepResult:
     lr: float
     wd: float
     momentum: float
+    loss_value: float | None = None  # the loss on the host, read in the finite check's sync (None without the check)
     nonfinite: str | None = None  # what was not finite when the step was left out (no update, no EMA)
 
 
@@ -130,7 +132,9 @@ def train_step(
     only) the target forward runs on the shadow, and the EMA refreshes it: the same
     values, without autocast's per-forward weight casts. ``check_finite``: a loss or
     gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
-    target as they were and says what in ``StepResult.nonfinite`` (one host sync)."""
+    target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
+    the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
+    waits for the optimizer and the EMA."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
@@ -140,16 +144,18 @@ def train_step(
         loss = jepa_loss(model, target_forward, imgs, masks_enc, masks_pred)
     loss.backward()
     momentum = next(momentum_scheduler)
+    loss, loss_value = loss.detach(), None
     if check_finite:
         grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-        if nonfinite_flag(loss.detach(), grads).item():
-            what = describe_nonfinite(loss.detach(), model)
+        bad, loss_value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
+        if bad:
+            what = describe_nonfinite(loss, model)
             optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss.detach(), lr, wd, momentum, what)
+            return StepResult(loss, lr, wd, momentum, loss_value, what)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
-    return StepResult(loss.detach(), lr, wd, momentum)
+    return StepResult(loss, lr, wd, momentum, loss_value)
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -288,7 +294,7 @@ def main(args: dict, resume_preempt: bool = False, *, device=None, out=None, max
                       torch_profiler if profile_ranks is None or rank() in profile_ranks else None)
     finally:
         if started_group:
-            torch.distributed.destroy_process_group()
+            teardown()
 
 
 def all_finite(state) -> bool:
@@ -422,7 +428,7 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
                 with profiler.step(step):
                     result = train_step(model, target_encoder, optimizer, lr_scheduler, wd_scheduler, momentum_scheduler,
                                         images, masks_enc, masks_pred, meta["use_bfloat16"], target_shadow)
-                    loss = result.loss.item()
+                loss = result.loss_value  # read before the optimizer step: the host runs ahead into the next step
                 now = time.perf_counter()
                 step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
                 tick = now

@@ -1,19 +1,20 @@
 """Flash attention over segments of packed tokens (varlen and shared-context), forward and backward.
 
 A segment is a run of query tokens that attends to up to two key ranges of the same packed
-tensors (``fastjepa/ops/attention.py`` builds the tables):
-  q_table (S, 6) int32: q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end
-  kv_table (S', 4) int32: kv_start, kv_end, and the query range q_start, q_end that reads them
-varlen: one segment per sequence, kv0 = the sequence, kv1 empty. Shared context: the context
-(kv0 = context) and each block i (kv0 = context, kv1 = block i), so a query tile visits
-exactly its two key ranges and nothing else.
+tensors. The kernels read the segments straight from the op's index (``SHARED`` picks which):
+  varlen, ``cu_seqlens`` (S + 1,) int32: segment s is sequence s, its own only key range;
+  shared context, ``offsets`` (B, M + 2) int32: segments 0..B-1 are the samples' contexts
+  (key range: the context), segment B + b * M + i is block i of sample b (key ranges: the
+  context and block i), so a query tile visits exactly its key ranges and nothing else.
+The backward's key tiles use the same segments: a context's keys are read by every query of
+its sample, a block's keys by the block.
 
 Forward: online softmax in base 2 (scores scaled by scale * log2(e)), fp32 accumulation;
-the log-sum-exp is stored (natural log) for the backward, which recomputes the
-probabilities: one kernel per key tile accumulates dK and dV over the queries that read it,
-one per query tile accumulates dQ over its key ranges (no atomics). Head dims that are not
-a power of two are padded in registers only (masked loads), never in memory. Inputs may
-have any strides; outputs are contiguous (T, H, D).
+the log-sum-exp is stored (natural log) for the backward, which computes rowsum(dO * O) in
+one pass, then recomputes the probabilities: one kernel per key tile accumulates dK and dV
+over the queries that read it, one per query tile accumulates dQ over its key ranges (no
+atomics). Head dims that are not a power of two are padded in registers only (masked
+loads), never in memory. Inputs may have any strides; outputs are contiguous (T, H, D).
 """
 
 import torch
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+DELTA_BLOCK_M = 64  # query rows per program of the backward's rowsum(dO * O)
 
 
 def _block_d(head_dim: int) -> int:
@@ -48,6 +50,52 @@ def _load_rows(ptr, offs, row_ok, h, stride_t, stride_h, stride_d, offs_d, HEAD_
 
 
 @triton.jit
+def _q_segment(index, seg, B, M, SHARED: tl.constexpr):
+    """Segment ``seg``'s query range and its key ranges (the second one empty for varlen and contexts)."""
+    if SHARED:
+        sample = tl.where(seg < B, seg, (seg - B) // M)
+        row = index + sample * (M + 2)
+        kv0_start = tl.load(row)
+        kv0_end = tl.load(row + 1)
+        if seg < B:  # a context: attends to itself
+            q_start, q_end = kv0_start, kv0_end
+            kv1_start, kv1_end = kv0_start, kv0_start
+        else:  # block i: attends to the context and to itself
+            i = (seg - B) % M
+            q_start = tl.load(row + 1 + i)
+            q_end = tl.load(row + 2 + i)
+            kv1_start, kv1_end = q_start, q_end
+    else:
+        q_start = tl.load(index + seg)
+        q_end = tl.load(index + seg + 1)
+        kv0_start, kv0_end = q_start, q_end
+        kv1_start, kv1_end = q_start, q_start
+    return q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end
+
+
+@triton.jit
+def _kv_segment(index, seg, B, M, SHARED: tl.constexpr):
+    """Segment ``seg``'s key range and the query range that reads it."""
+    if SHARED:
+        sample = tl.where(seg < B, seg, (seg - B) // M)
+        row = index + sample * (M + 2)
+        if seg < B:  # a context's keys: read by every query of the sample
+            kv_start = tl.load(row)
+            kv_end = tl.load(row + 1)
+            q_start, q_end = kv_start, tl.load(row + M + 1)
+        else:  # block i's keys: read by the block
+            i = (seg - B) % M
+            kv_start = tl.load(row + 1 + i)
+            kv_end = tl.load(row + 2 + i)
+            q_start, q_end = kv_start, kv_end
+    else:
+        kv_start = tl.load(index + seg)
+        kv_end = tl.load(index + seg + 1)
+        q_start, q_end = kv_start, kv_end
+    return kv_start, kv_end, q_start, q_end
+
+
+@triton.jit
 def _fwd_range(acc, m_i, l_i, q, K, V, kv_start, kv_end, h, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in tl.range(kv_start, kv_end, BLOCK_N):
@@ -69,15 +117,13 @@ def _fwd_range(acc, m_i, l_i, q, K, V, kv_start, kv_end, h, stride_kt, stride_kh
 @_autotune
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, q_table, T, H,
+    Q, K, V, O, LSE, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TWO_RANGES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SHARED: tl.constexpr,
 ):
     tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row = q_table + seg * 6
-    q_start = tl.load(row)
-    q_end = tl.load(row + 1)
+    q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end = _q_segment(index, seg, B, M, SHARED)
     if q_start + tile * BLOCK_M < q_end:
         offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -86,10 +132,10 @@ def _attn_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, tl.load(row + 2), tl.load(row + 3), h, stride_kt, stride_kh, stride_kd,
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, kv0_start, kv0_end, h, stride_kt, stride_kh, stride_kd,
                                    stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
-        if TWO_RANGES:
-            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, tl.load(row + 4), tl.load(row + 5), h, stride_kt, stride_kh, stride_kd,
+        if SHARED:
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, kv1_start, kv1_end, h, stride_kt, stride_kh, stride_kd,
                                        stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -102,16 +148,14 @@ def _attn_fwd(
 @_autotune
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, kv_table, T, H,
+    Q, K, V, DO, LSE, DELTA, DK, DV, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_dot, stride_doh, stride_dod,
     qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SHARED: tl.constexpr,
 ):
     tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row = kv_table + seg * 4
-    kv_start = tl.load(row)
-    kv_end = tl.load(row + 1)
+    kv_start, kv_end, q_start, q_end = _kv_segment(index, seg, B, M, SHARED)
     if kv_start + tile * BLOCK_N < kv_end:
         offs_n = kv_start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -120,8 +164,6 @@ def _bwd_dkdv(
         v = _load_rows(V, offs_n, n_ok, h, stride_vt, stride_vh, stride_vd, offs_d, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        q_start = tl.load(row + 2)
-        q_end = tl.load(row + 3)
         for start_m in tl.range(q_start, q_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < q_end
@@ -144,6 +186,19 @@ def _bwd_dkdv(
 
 
 @triton.jit
+def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA (H, T) fp32 = rowsum(dO * O), read once in the inputs' dtype."""
+    tile, h = tl.program_id(0), tl.program_id(1)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    o = _load_rows(O, offs_m, m_ok, h, stride_ot, stride_oh, stride_od, offs_d, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO, offs_m, m_ok, h, stride_dot, stride_doh, stride_dod, offs_d, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + h * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+
+@triton.jit
 def _dq_range(dq, q, do, lse2, delta, K, V, kv_start, kv_end, h, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
               qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in tl.range(kv_start, kv_end, BLOCK_N):
@@ -162,16 +217,14 @@ def _dq_range(dq, q, do, lse2, delta, K, V, kv_start, kv_end, h, stride_kt, stri
 @_autotune
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, q_table, T, H,
+    Q, K, V, DO, LSE, DELTA, DQ, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_dot, stride_doh, stride_dod,
     qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TWO_RANGES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SHARED: tl.constexpr,
 ):
     tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row = q_table + seg * 6
-    q_start = tl.load(row)
-    q_end = tl.load(row + 1)
+    q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end = _q_segment(index, seg, B, M, SHARED)
     if q_start + tile * BLOCK_M < q_end:
         offs_m = q_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -181,23 +234,31 @@ def _bwd_dq(
         lse2 = tl.load(LSE + h * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + h * T + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _dq_range(dq, q, do, lse2, delta, K, V, tl.load(row + 2), tl.load(row + 3), h, stride_kt, stride_kh, stride_kd,
+        dq = _dq_range(dq, q, do, lse2, delta, K, V, kv0_start, kv0_end, h, stride_kt, stride_kh, stride_kd,
                        stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
-        if TWO_RANGES:
-            dq = _dq_range(dq, q, do, lse2, delta, K, V, tl.load(row + 4), tl.load(row + 5), h, stride_kt, stride_kh, stride_kd,
+        if SHARED:
+            dq = _dq_range(dq, q, do, lse2, delta, K, V, kv1_start, kv1_end, h, stride_kt, stride_kh, stride_kd,
                            stride_vt, stride_vh, stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_N)
         dq *= sm_scale
         rows = offs_m[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
         tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-def attention_fwd(q, k, v, q_table, max_len: int, scale: float, two_ranges: bool):
-    """(out (T, H, D) contiguous, lse (H, T) fp32) for the segments of ``q_table``;
-    ``two_ranges``: whether segments have a second key range (shared context) or not (varlen)."""
+def _segments(index, shared: bool) -> tuple[int, int, int]:
+    """(B, M, number of segments) of ``cu_seqlens`` (varlen) or ``offsets`` (B, M + 2) (shared)."""
+    if shared:
+        B, M = index.shape[0], index.shape[1] - 2
+        return B, M, B * (M + 1)
+    return 1, 1, index.shape[0] - 1
+
+
+def attention_fwd(q, k, v, index, max_len: int, scale: float, shared: bool):
+    """(out (T, H, D) contiguous, lse (H, T) fp32) for the segments of ``index``: ``cu_seqlens``
+    (varlen) or, with ``shared``, the shared-context ``offsets``."""
     T, H, D = q.shape
     out = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
-    S = q_table.shape[0]
+    B, M, S = _segments(index, shared)
     if T == 0 or S == 0 or max_len == 0:
         return out.zero_(), lse.fill_(float("-inf"))
 
@@ -205,26 +266,30 @@ def attention_fwd(q, k, v, q_table, max_len: int, scale: float, two_ranges: bool
         return (triton.cdiv(max_len, meta["BLOCK_M"]), S, H)
 
     _attn_fwd[grid](
-        q, k, v, out, lse, q_table.contiguous(), T, H, *q.stride(), *k.stride(), *v.stride(), scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), TWO_RANGES=two_ranges,
+        q, k, v, out, lse, index.contiguous(), B, M, T, H, *q.stride(), *k.stride(), *v.stride(), scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), SHARED=shared,
     )
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len: int, scale: float, two_ranges: bool):
-    """(dq, dk, dv), each (T, H, D) contiguous in q's dtype. Every row is written: the tables
+def attention_bwd(grad_out, q, k, v, out, lse, index, max_len: int, scale: float, shared: bool):
+    """(dq, dk, dv), each (T, H, D) contiguous in q's dtype. Every row is written: the segments
     cover every token (the op checks the offsets)."""
     T, H, D = q.shape
     dq, dk, dv = (torch.empty((T, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
     if T == 0 or max_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # (H, T): rowsum(dO * O)
-    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), scale * LOG2E, scale)
-    S_kv, S_q = kv_table.shape[0], q_table.shape[0]
-    _bwd_dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), S_kv, H)](
-        q, k, v, grad_out, lse, delta, dk, dv, kv_table.contiguous(), T, H, *common, HEAD_DIM=D, BLOCK_D=_block_d(D),
+    delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
+    _bwd_delta[(triton.cdiv(T, DELTA_BLOCK_M), H)](
+        out, grad_out, delta, T, *out.stride(), *grad_out.stride(), HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=_block_d(D),
     )
-    _bwd_dq[lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), S_q, H)](
-        q, k, v, grad_out, lse, delta, dq, q_table.contiguous(), T, H, *common, HEAD_DIM=D, BLOCK_D=_block_d(D), TWO_RANGES=two_ranges,
+    B, M, S = _segments(index, shared)
+    index = index.contiguous()
+    common = (index, B, M, T, H, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), scale * LOG2E, scale)
+    _bwd_dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), S, H)](
+        q, k, v, grad_out, lse, delta, dk, dv, *common, HEAD_DIM=D, BLOCK_D=_block_d(D), SHARED=shared,
+    )
+    _bwd_dq[lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), S, H)](
+        q, k, v, grad_out, lse, delta, dq, *common, HEAD_DIM=D, BLOCK_D=_block_d(D), SHARED=shared,
     )
     return dq, dk, dv

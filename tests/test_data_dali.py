@@ -24,7 +24,7 @@ def test_crops_are_the_windows_drawn_on_the_host_resized_like_pil(tmp_path):
     batches = epoch(loader, 0)
     loader.order.set_epoch(0)
     loader.order.skip(0)
-    index = np.array([i for i, _ in loader.epoch_items()]).reshape(-1, 4)
+    index = loader.epoch_indices().reshape(-1, 4)
     flipped = 0
     for b, batch in enumerate(batches):
         g = loader.crop_generator(0, b)

@@ -43,7 +43,7 @@ def test_crops_are_the_windows_drawn_on_the_host_resized_with_antialiasing(tmp_p
     batch = epoch(loader, 0)[0]
     loader.order.set_epoch(0)
     loader.order.skip(0)
-    index = np.array([i for i, _ in loader.epoch_items()])
+    index = loader.epoch_indices()
     g = loader.crop_generator(0, 0)
     left, top, w, h = random_resized_crop_boxes(loader.widths[index], loader.heights[index], g, (0.3, 1.0))
     mirror = loader.flips(4, g)

@@ -119,27 +119,7 @@ inline double copy_gbs() {
   CHECK(cudaMalloc(&src, bytes));
   CHECK(cudaMalloc(&dst, bytes));
   CHECK(cudaMemset(src, 1, bytes));
-  double ms = 0;
-  {
-    Range range("copy ceiling");
-    cudaEvent_t start, stop;
-    CHECK(cudaEventCreate(&start));
-    CHECK(cudaEventCreate(&stop));
-    std::vector<float> times;
-    for (int i = 0; i < 10; ++i) {
-      CHECK(cudaEventRecord(start));
-      CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice));
-      CHECK(cudaEventRecord(stop));
-      CHECK(cudaEventSynchronize(stop));
-      float t = 0;
-      CHECK(cudaEventElapsedTime(&t, start, stop));
-      times.push_back(t);
-    }
-    std::sort(times.begin(), times.end());
-    ms = times[times.size() / 2];
-    CHECK(cudaEventDestroy(start));
-    CHECK(cudaEventDestroy(stop));
-  }
+  const double ms = median_ms("copy ceiling", 10, [&] { CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
   CHECK(cudaFree(src));
   CHECK(cudaFree(dst));
   return 2.0 * bytes / ms / 1e6;

@@ -64,7 +64,7 @@ class DaliLoader(ImageLoader):
     def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1):
         listing, scan = scan_folder(root, FORMATS)
         super().__init__(config, root, scan.paths, device, seed, rank, world_size, listing.skipped, scan.rejected)
-        self.paths, self.widths, self.heights = scan.paths, scan.widths, scan.heights
+        self.widths, self.heights = scan.widths, scan.heights
         self.failed: set[int] = set()  # files that passed the header check but DALI cannot decode
         self.threads = max(1, self.num_workers)  # DALI's CPU threads (decoding on the CPU, the mixed decoder's host stage)
         if self.device.type == "cuda":
@@ -73,7 +73,7 @@ class DaliLoader(ImageLoader):
             self.device_id = None
 
     def _batches(self, epoch: int, start_itr: int):
-        index = np.array([i for i, _ in self.epoch_items()], dtype=np.int64).reshape(-1, self.batch_size)
+        index = self.epoch_indices().reshape(-1, self.batch_size)
         done = 0  # batches yielded
         while done < len(index):
             try:

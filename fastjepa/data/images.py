@@ -40,6 +40,16 @@ class ImageList:
     skipped: list[str] = field(default_factory=list)  # files without an image extension
 
 
+def require_folder(root) -> str:
+    """root as a str; ``FileNotFoundError`` or ``NotADirectoryError`` when it is not a folder."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        if os.path.exists(root.rstrip(os.sep) or root):  # "file/" does not exist, "file" does
+            raise NotADirectoryError(f"image folder {root!r} is not a directory")
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    return root
+
+
 def _walk_files(top: str) -> list[str]:
     """All files under top (symlinks followed), as paths relative to top, sorted."""
     found = []
@@ -60,12 +70,7 @@ def list_images(root: str) -> ImageList:
     folder of class subfolders labels exactly like torchvision's ImageFolder.
     Files without an image extension are not loaded; they are listed in ``skipped``.
     """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        if os.path.exists(root.rstrip(os.sep) or root):  # "file/" does not exist, "file" does
-            raise NotADirectoryError(f"image folder {root!r} is not a directory")
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-
+    root = require_folder(root)
     per_class: dict[str, list[str]] = {}
     skipped: list[str] = []
     for rel in _walk_files(root):

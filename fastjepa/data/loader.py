@@ -21,8 +21,10 @@ blur switches (off in every reference config) need pil.
 What every backend shares: the image order (``SeededSampler``: a seeded permutation per
 epoch, sharded by rank with equal counts, so every rank runs ``steps_per_epoch`` steps), the
 skip of the first ``start_itr`` batches of an epoch without reading them (exact mid-epoch
-resume), and the masks: step s of rank r draws them from a generator seeded with
-``mix_seed(seed, r, s)``, one step ahead (``MaskStream``).
+resume), the masks: step s of rank r draws them from a generator seeded with
+``mix_seed(seed, r, s)``, one step ahead (``MaskStream``), and the end of an epoch of which no
+file decoded: ``ValueError`` unless some image of the folder decodes (a folder of unreadable
+files stops the run instead of training nothing).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from fastjepa.config import ConfigError, mask_sampler
-from fastjepa.data.images import SeededSampler, mix_seed
+from fastjepa.data.images import SeededSampler, load_rgb, mix_seed
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 from fastjepa.ops.backend import import_problem
 
@@ -124,7 +126,7 @@ class ImageLoader(ABC):
     def __init__(self, config: dict, root: str, paths: list[str], device, seed: int, rank: int, world_size: int,
                  skipped_files: list[str], rejected: list[tuple[str, str]]):
         data, mask = config["data"], config["mask"]
-        self.root = root
+        self.root, self.paths = root, paths
         self.skipped_files = skipped_files  # files without an image extension, never read
         self.rejected = rejected  # (path, reason): image files left out before training (header check)
         self.device = torch.device(device)
@@ -149,6 +151,7 @@ class ImageLoader(ABC):
         self.order.set_epoch(epoch)
         self.order.skip(start_itr * self.batch_size)
         masks = None
+        decoded = False
         try:
             for images, bad in self._batches(epoch, start_itr):
                 if masks is None:  # started once the first batch is in: DataLoader workers fork before this thread exists
@@ -156,14 +159,33 @@ class ImageLoader(ABC):
                 if len(images) == 0:
                     yield Batch(torch.empty((0, 3, self.crop_size, self.crop_size), device=self.device), None, None, bad)
                 else:
+                    decoded = True
                     yield Batch(images, *masks.take(len(images)), bad)
+            if masks is not None and not decoded:
+                self._fail_unless_an_image_decodes()
         finally:
             if masks is not None:
                 masks.close()
 
-    def epoch_items(self) -> list[tuple[int, int]]:
-        """(index, sample seed) of this rank's remaining samples of the epoch, in whole batches."""
-        return list(self.order)[: self.steps_per_epoch * self.batch_size - self.order.start]
+    def _fail_unless_an_image_decodes(self) -> None:
+        """After an epoch of which no file decoded: return at the first image of the folder
+        that decodes with PIL (that epoch was bad luck), else raise ValueError naming a bad
+        file (a folder of unreadable files stops the run instead of training nothing)."""
+        first_problem = None
+        for path in self.paths:
+            try:
+                load_rgb(path)
+                return
+            except Exception as error:  # any decoding failure, as ImageDataset
+                first_problem = first_problem or f"{path}: {type(error).__name__}: {error}".splitlines()[0]
+        raise ValueError(f"none of the {len(self.paths)} image files under {self.root!r} decodes (e.g. {first_problem}); "
+                         f"`fastjepa data verify {self.root}` lists them")
+
+    def epoch_indices(self) -> np.ndarray:
+        """The image indices of this rank's remaining samples of the epoch, in whole batches
+        (int64; the backends that draw a whole batch's crops at once need no per-sample seeds)."""
+        positions = self.order.positions()[: self.steps_per_epoch * self.batch_size - self.order.start]
+        return np.asarray(self.order.order(), dtype=np.int64)[np.asarray(positions, dtype=np.int64)]
 
     def crop_generator(self, epoch: int, itr: int) -> torch.Generator:
         """The generator of batch itr's crops and flips (backends that draw a whole batch at once)."""

@@ -65,9 +65,7 @@ class _EpochBatches:
         self.loader = loader
 
     def __iter__(self):
-        items, size = self.loader.epoch_items(), self.loader.batch_size
-        for k in range(0, len(items), size):
-            yield [i for i, _ in items[k : k + size]]
+        yield from self.loader.epoch_indices().reshape(-1, self.loader.batch_size).tolist()
 
 
 class TorchvisionLoader(ImageLoader):
@@ -76,7 +74,7 @@ class TorchvisionLoader(ImageLoader):
     def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1):
         listing, scan = scan_folder(root)  # PIL decodes what the GPU does not: any format
         super().__init__(config, root, scan.paths, device, seed, rank, world_size, listing.skipped, scan.rejected)
-        self.paths, self.widths, self.heights = scan.paths, scan.widths, scan.heights
+        self.widths, self.heights = scan.widths, scan.heights
         self.on_device = [h.format in ("JPEG", "MPO") and h.mode == "RGB" for h in scan.headers]
         self.reader = DataLoader(_Files(self.paths, self.on_device), batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                                  collate_fn=list, persistent_workers=self.num_workers > 0)

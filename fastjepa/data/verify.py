@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from fastjepa.data.images import _walk_files, is_image_file, load_rgb
+from fastjepa.data.images import _walk_files, is_image_file, load_rgb, require_folder
 from fastjepa.data.scan import BadImage, check_file
 
 PROGRESS_FROM = 1000  # files: a progress bar from this many on
@@ -52,11 +52,7 @@ def verify_file(path: str) -> str | None:
 def verify_folder(root: str, move_to: str | None = None, workers: int = 1, progress: bool = True) -> VerifyReport:
     """Check every image file under root (in ``workers`` processes); move the bad ones
     to ``move_to`` under their path relative to root when given."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        if os.path.exists(root.rstrip(os.sep) or root):  # "file/" does not exist, "file" does
-            raise NotADirectoryError(f"{root!r} is not a directory")
-        raise FileNotFoundError(f"{root!r} does not exist")
+    root = require_folder(root)
     if move_to is not None and Path(move_to).resolve().is_relative_to(Path(root).resolve()):
         raise ValueError(f"the folder for bad files {move_to!r} is inside {root!r}, where training would read them; choose one outside it")
     report = VerifyReport()

@@ -28,7 +28,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import forced_backend, select
+from fastjepa.ops.backend import device_check, forced_backend, select
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 128
@@ -37,29 +37,23 @@ MAX_TRITON_HEAD_DIM = 128
 # ---------------------------------------------------------------------- segment tables
 #
 # Both ops reduce to "segments": a run of query tokens that attends to up to two key ranges.
-# q_table (S, 6) int32: q_start, q_end, kv0_start, kv0_end, kv1_start, kv1_end.
-# kv_table (S', 4) int32: kv_start, kv_end and the one query range that reads those keys.
+# The torch reference walks them as a q_table (S, 6): q_start, q_end, kv0_start, kv0_end,
+# kv1_start, kv1_end; the Triton kernels decode the same segments from cu_seqlens / offsets.
 
 
-def varlen_tables(cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
-    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
-    empty = torch.zeros_like(starts)
-    return torch.stack([starts, ends, starts, ends, empty, empty], 1), torch.stack([starts, ends, starts, ends], 1)
-
-
-def shared_context_tables(offsets: Tensor) -> tuple[Tensor, Tensor]:
-    B, M2 = offsets.shape
-    M = M2 - 2
-    ctx_start, ctx_end, sample_end = offsets[:, 0], offsets[:, 1], offsets[:, -1]
-    block_start, block_end = offsets[:, 1:-1], offsets[:, 2:]  # (B, M)
-    context_rows = torch.stack([ctx_start, ctx_end, ctx_start, ctx_end, torch.zeros_like(ctx_start), torch.zeros_like(ctx_start)], 1)
-    ctx_b = ctx_start[:, None].expand(B, M)
-    ctx_e = ctx_end[:, None].expand(B, M)
+def _q_table(index: Tensor, shared: bool) -> Tensor:
+    if not shared:  # cu_seqlens: one segment per sequence
+        starts, ends = index[:-1], index[1:]
+        empty = torch.zeros_like(starts)
+        return torch.stack([starts, ends, starts, ends, empty, empty], 1)
+    B, M = index.shape[0], index.shape[1] - 2  # offsets: the contexts, then every sample's blocks
+    ctx_start, ctx_end = index[:, 0], index[:, 1]
+    block_start, block_end = index[:, 1:-1], index[:, 2:]  # (B, M)
+    empty = torch.zeros_like(ctx_start)
+    context_rows = torch.stack([ctx_start, ctx_end, ctx_start, ctx_end, empty, empty], 1)
+    ctx_b, ctx_e = ctx_start[:, None].expand(B, M), ctx_end[:, None].expand(B, M)
     block_rows = torch.stack([block_start, block_end, ctx_b, ctx_e, block_start, block_end], 2).reshape(B * M, 6)
-    q_table = torch.cat([context_rows, block_rows])
-    context_keys = torch.stack([ctx_start, ctx_end, ctx_start, sample_end], 1)  # every query of the sample reads the context
-    block_keys = torch.stack([block_start, block_end, block_start, block_end], 2).reshape(B * M, 4)
-    return q_table, torch.cat([context_keys, block_keys])
+    return torch.cat([context_rows, block_rows])
 
 
 # ---------------------------------------------------------------------- torch reference
@@ -120,22 +114,22 @@ def _problems(q: Tensor) -> dict:
     return {"torch": lambda: None, "triton": triton_problem}
 
 
-def _forward(q, k, v, q_table, max_len, scale, two_ranges):
+def _forward(q, k, v, index, max_len, scale, shared):
     backend = select("attention", q.device, _problems(q))
     if backend == "triton":
         from fastjepa.kernels.attention import attention_fwd
 
-        return attention_fwd(q, k, v, q_table, max_len, scale, two_ranges)
-    return _reference_forward(q, k, v, q_table, scale)
+        return attention_fwd(q, k, v, index, max_len, scale, shared)
+    return _reference_forward(q, k, v, _q_table(index, shared), scale)
 
 
-def _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, two_ranges, forced):
+def _backward(grad_out, q, k, v, out, lse, index, max_len, scale, shared, forced):
     backend = select("attention", q.device, _problems(q), forced=forced or None)
     if backend == "triton":
         from fastjepa.kernels.attention import attention_bwd
 
-        return attention_bwd(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, two_ranges)
-    return _reference_backward(grad_out, q, k, v, q_table, scale)
+        return attention_bwd(grad_out, q, k, v, out, lse, index, max_len, scale, shared)
+    return _reference_backward(grad_out, q, k, v, _q_table(index, shared), scale)
 
 
 # ------------------------------------------------------------------- custom ops
@@ -144,31 +138,27 @@ def _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_len, scale, tw
 @torch.library.custom_op("fastjepa::varlen_attention", mutates_args=())
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    q_table, _ = varlen_tables(cu_seqlens)
-    return _forward(q, k, v, q_table, max_seqlen, scale, two_ranges=False)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, scale, shared=False)
 
 
 @torch.library.custom_op("fastjepa::varlen_attention_backward", mutates_args=())
 def _varlen_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, forced_backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q_table, kv_table = varlen_tables(cu_seqlens)
-    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, False, forced_backend)
+    return _backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, False, forced_backend)
 
 
 @torch.library.custom_op("fastjepa::shared_context_attention", mutates_args=())
 def _shared_context_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seqlen: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_offsets(offsets, q.shape[0], max_seqlen)
-    q_table, _ = shared_context_tables(offsets)
-    return _forward(q, k, v, q_table, max_seqlen, scale, two_ranges=True)
+    return _forward(q, k, v, offsets, max_seqlen, scale, shared=True)
 
 
 @torch.library.custom_op("fastjepa::shared_context_attention_backward", mutates_args=())
 def _shared_context_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets: Tensor, max_seqlen: int, scale: float, forced_backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q_table, kv_table = shared_context_tables(offsets)
-    return _backward(grad_out, q, k, v, out, lse, q_table, kv_table, max_seqlen, scale, True, forced_backend)
+    return _backward(grad_out, q, k, v, out, lse, offsets, max_seqlen, scale, True, forced_backend)
 
 
 def _fake_forward(q, k, v, index, max_seqlen, scale):
@@ -234,27 +224,18 @@ def _check_max_seqlen(op: str, max_seqlen) -> None:
         raise ValueError(f"{op}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
 
 
-def _device_check(ok: Tensor, message: str) -> None:
-    """Raise on the CPU; an asynchronous device assert (no host sync) on CUDA."""
-    if ok.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(message)
-    else:
-        torch._assert_async(ok, message)
-
-
 def _check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    _device_check((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all(),
-                  f"varlen_attention: cu_seqlens must start at 0, never decrease and end at total_tokens ({total})")
-    _device_check((lengths <= max_seqlen).all(), f"varlen_attention: max_seqlen {max_seqlen} is smaller than a sequence in cu_seqlens")
+    device_check((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all(),
+                 f"varlen_attention: cu_seqlens must start at 0, never decrease and end at total_tokens ({total})")
+    device_check((lengths <= max_seqlen).all(), f"varlen_attention: max_seqlen {max_seqlen} is smaller than a sequence in cu_seqlens")
 
 
 def _check_offsets(offsets: Tensor, total: int, max_seqlen: int) -> None:
     lengths = offsets[:, 1:] - offsets[:, :-1]
     in_order = (offsets[0, 0] == 0) & (offsets[-1, -1] == total) & (lengths >= 0).all() & (offsets[1:, 0] == offsets[:-1, -1]).all()
-    _device_check(in_order, f"shared_context_attention: offsets must start at 0, never decrease, chain the samples and end at total_tokens ({total})")
-    _device_check((lengths <= max_seqlen).all(), f"shared_context_attention: max_seqlen {max_seqlen} is smaller than a context or block in offsets")
+    device_check(in_order, f"shared_context_attention: offsets must start at 0, never decrease, chain the samples and end at total_tokens ({total})")
+    device_check((lengths <= max_seqlen).all(), f"shared_context_attention: max_seqlen {max_seqlen} is smaller than a context or block in offsets")
 
 
 def _scale(op: str, softmax_scale, head_dim: int) -> float:

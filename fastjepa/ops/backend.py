@@ -130,6 +130,16 @@ def select(op: str, device: torch.device, call_problem: dict[str, Callable[[], s
     return "torch"
 
 
+def device_check(ok: torch.Tensor, message: str) -> None:
+    """A check of tensor values: ValueError on the CPU; on CUDA an asynchronous device assert
+    (no host sync)."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
 def check_number(op: str, name: str, value, low: float = 0.0, high: float = math.inf) -> float:
     """A host number (Python or NumPy, not a bool) in [low, high] and finite, as a float; else
     TypeError/ValueError naming ``name``. (A tensor's value is not checked here: that would

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, forced_backend, select
+from fastjepa.ops.backend import CUDA_DTYPE_NAMES, cuda_launch, device_check, forced_backend, select
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,11 +83,9 @@ def _assert_indices_in_range(op: str, idx: Tensor, n: int) -> None:
 def _assert_valid_cu_seqlens(op: str, cu_seqlens: Tensor, total: int) -> None:
     message = f"{op}: cu_seqlens must start at 0, never decrease and end at the number of tokens ({total})"
     valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-    if cu_seqlens.device.type == "cpu":
-        if not bool(valid):
-            raise ValueError(f"{message}, got {cu_seqlens.tolist()[:8]}{' ...' if len(cu_seqlens) > 8 else ''}")
-    else:
-        torch._assert_async(valid, message)
+    if cu_seqlens.device.type == "cpu" and not bool(valid):
+        message += f", got {cu_seqlens.tolist()[:8]}{' ...' if len(cu_seqlens) > 8 else ''}"
+    device_check(valid, message)
 
 
 # ------------------------------------------------------------------ index helpers
@@ -162,13 +160,7 @@ def _inverse_map(idx: Tensor, rows: Tensor, groups: int, B: int, N: int) -> Tens
     slots = rows * N + idx.reshape(-1)  # slot g * B * N + b * N + n  ==  r * N + n
     tokens = torch.arange(slots.numel(), device=idx.device, dtype=torch.int32)
     inv = torch.full((groups * B * N,), -1, device=idx.device, dtype=torch.int32).scatter_(0, slots, tokens)
-    unique = (inv.gather(0, slots) == tokens).all()
-    message = "gather_tokens backward: indices must be unique within each sample and mask"
-    if idx.device.type == "cpu":
-        if not bool(unique):
-            raise ValueError(message)
-    else:
-        torch._assert_async(unique, message)
+    device_check((inv.gather(0, slots) == tokens).all(), "gather_tokens backward: indices must be unique within each sample and mask")
     return inv
 
 
