@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py                              # ViT-B/16, ViT-L/16, ViT-H/14, ViT-H/16-448; every mode (a GPU)
     python benchmarks/bench_step.py --models vit_huge --modes fastjepa,ragged --compile
+    python benchmarks/bench_step.py --models vit_base/16 --modes fastjepa --cuda-graphs   # a GPU
     python benchmarks/bench_step.py --quick                      # ViT-tiny/8 at 64 px, a few steps: checks the script
 
 Synthetic uint8 images already on the device, or with ``--data BACKEND`` batches from
@@ -22,6 +23,11 @@ batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. M
                    ``repeat_interleave_batch``, imported from your own checkout of
                    facebookresearch/ijepa (never vendored, never required), in the
                    reference-eager step (same optimizer, scaler, EMA loop and syncs).
+``--cuda-graphs`` compiles the encoder, predictor and target with ``mode="reduce-overhead"``:
+torch.compile's CUDA graph trees replay each step's kernels as one graph. The mask shapes
+change from step to step, so one graph is recorded per distinct shape (the first steps
+record, later ones mostly replay); it pays where launch overhead is a large part of the step
+(small models and batches), not for ViT-H at batch 128.
 Times: the throughput run has no sync inside the timed steps; a second run records CUDA events
 around each phase (NVTX ranges too, for ``nsys``), so the phases add up to a slightly slower
 step. MFU counts the FLOPs of the reference's step (fastjepa.flops, the measured mean context
@@ -163,7 +169,7 @@ def reference_predictor(predictor, x, masks_x, masks):
 class Step:
     """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
 
-    def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_models, min_keep, seed=0,
+    def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep, seed=0,
                  reference_src=None, data=None):
         self.mode, self.device, self.batch, self.data = mode, device, batch, data
         torch.manual_seed(seed)
@@ -187,12 +193,16 @@ class Step:
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.images = [torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8).to(device) for _ in range(2)]
         self.encode, self.predict, self.target_forward = self.encoder, self.predictor, (self.shadow.module if self.shadow else self.target)
-        if compile_models and not self.reference:
-            self.encode, self.predict, self.target_forward = (torch.compile(m) for m in (self.encode, self.predict, self.target_forward))
+        self.cuda_graphs = compile_mode == "reduce-overhead" and not self.reference
+        if compile_mode and not self.reference:
+            self.encode, self.predict, self.target_forward = (torch.compile(m, mode=compile_mode)
+                                                              for m in (self.encode, self.predict, self.target_forward))
         self.step_index, self.context_tokens = 0, []
 
     def run(self, phase: PhaseTimer) -> torch.Tensor:
         ragged, shared = self.mode == "ragged", self.mode == "shared-context"
+        if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         if self.data is not None:  # images and masks (drawn one step ahead) from the loader
             with phase("data wait"):
                 imgs, masks_enc, masks_pred = self.data.next()
@@ -320,7 +330,8 @@ def bench(name, spec, mode, device, args) -> dict:
 
         folder = generated_images(args.images, args.quick, args.images_dir)
         data = LoaderBatches(args.data, folder, crop, patch, batch, min_keep, mode == "ragged", args.workers, device)
-    step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, args.compile, min_keep,
+    compile_mode = "reduce-overhead" if args.cuda_graphs else ("default" if args.compile else None)
+    step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep,
                 reference_src=args.reference_src, data=data)
     off, on = PhaseTimer(device, enabled=False), PhaseTimer(device, enabled=True)
     for _ in range(args.warmup):
@@ -344,7 +355,7 @@ def bench(name, spec, mode, device, args) -> dict:
                                  k_target=_mean_target_tokens(step.sampler), num_pred_masks=MASKS["npred"]).total
     images_per_s = batch * 1e3 / step_ms
     row = {
-        "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile, "quick": args.quick,
+        "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs, "cuda_graphs": args.cuda_graphs, "quick": args.quick,
         "step_ms": round(step_ms, 3), "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),
@@ -383,6 +394,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, --quick 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, predictor and target (fastjepa modes)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="torch.compile with CUDA graph trees (mode reduce-overhead; fastjepa modes; a GPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 matmul ceiling for MFU (default: measured here on a GPU, none on the CPU)")
     parser.add_argument("--reference-src", metavar="DIR", default=None,
@@ -406,6 +419,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if mode not in MODES + (REFERENCE_SRC_MODE,):
             parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs needs a CUDA device (CUDA graphs record GPU kernels); none is visible")
     if args.peak_tflops is None and device.type == "cuda":
         from bench_ceilings import matmul_tflops
 

@@ -10,7 +10,8 @@
 #     benchmarks/results/<date>-<gpu>.jsonl   result rows (ceilings, kernels, test summary)
 #     benchmarks/results/<date>-<gpu>.md      the same as tables
 #     benchmarks/results/<date>-<gpu>.log     everything printed
-#     benchmarks/results/<date>-<gpu>-figures/ kernels.png, step.png, phases.png
+#     benchmarks/results/<date>-<gpu>-figures/ kernels.png, step.png, phases.png, scaling.png
+#     benchmarks/results/scaling.jsonl        the 300-epoch projection from the measured step rate
 #
 # Every stage runs under its own time limit (8 minutes in all); a failing stage does not stop
 # the others, and the exit code is non-zero when any stage failed.
@@ -43,17 +44,17 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 stage install 60 env FASTJEPA_BUILD_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps --quiet -e .
-stage versions 15 $PYTHON -c "
+stage versions 10 $PYTHON -c "
 import platform, torch, triton
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-stage ceilings 25 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
+stage ceilings 20 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
 stage gpu-tests 110 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
     tests/test_gather.py tests/test_ema.py tests/test_optim.py tests/test_cuda_ext.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
     tests/test_vision_transformer.py tests/test_train_step.py tests/test_ragged.py \
     tests/test_data_loader.py tests/test_data_torchvision.py tests/test_data_dali.py
-stage tests-summary 10 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
+stage tests-summary 5 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
 import json, sys, datetime, xml.etree.ElementTree as ET
 suite = ET.parse(sys.argv[1]).getroot()
 suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -68,10 +69,15 @@ stage cuda-benches 40 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD
     cmake --build build/cuda-benches --parallel "$(nproc)" &&
     for bench in bench_ema bench_adamw_ema bench_gather; do build/cuda-benches/$bench --iters 10 || exit 1; done'
 stage attention 55 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
-stage data 40 $PYTHON benchmarks/bench_data.py --images 400 --batch-size 128 --workers 8 --epochs 3 --results "$RESULTS"
+stage data 30 $PYTHON benchmarks/bench_data.py --images 400 --batch-size 128 --workers 8 --epochs 3 --results "$RESULTS"
 stage step 45 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
-stage report 10 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
+# The same step fed by the loader over generated JPEGs: the data wait per step (torchvision: the H200 has no DALI).
+stage step-data 25 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --data torchvision --images 384 \
+    --steps 6 --warmup 2 --results "$RESULTS"
+stage report 5 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
 stage figures 10 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
+# What the measured one-GPU rate means for 300 epochs on 8 to 128 GPUs (a model; benchmarks/results/scaling.jsonl).
+stage scaling 5 $PYTHON benchmarks/scaling.py --plot "$BASE-figures/scaling.png"
 rm -f "$BASE-tests.xml"
 
 echo

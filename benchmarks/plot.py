@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from common import RESULTS  # noqa: E402
-from report import REFERENCES, read_rows  # noqa: E402
+from report import REFERENCES, read_rows, step_options  # noqa: E402
 
 
 def latest(rows, key) -> list[dict]:
@@ -82,10 +82,10 @@ def plot_kernels(rows, path: Path) -> bool:
 
 def plot_step(rows, throughput_path: Path, phases_path: Path) -> bool:
     rows = latest([r for r in rows if r.get("bench") == "bench_step" and not r.get("quick")],
-                  lambda r: (r["hardware"], r["model"], r["mode"], r["compile"]))
+                  lambda r: (r["hardware"], r["model"], r["mode"], r["compile"], r.get("cuda_graphs", False), r.get("data", "synthetic")))
     if not rows:
         return False
-    labels = [f"{r['model']}\n{r['mode']}{' +compile' if r['compile'] else ''}" for r in rows]
+    labels = [f"{r['model']}\n{r['mode']}{step_options(r)}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 5))
     ax.bar(range(len(rows)), [r["images_per_s"] for r in rows])
     for i, r in enumerate(rows):

@@ -56,6 +56,12 @@ def kernels_table(rows) -> list[str]:
     return lines
 
 
+def step_options(row: dict) -> str:
+    """What sets a bench_step row apart from its plain mode: CUDA graphs or compile, a loader."""
+    options = " +cuda-graphs" if row.get("cuda_graphs") else (" +compile" if row.get("compile") else "")
+    return options + (f" +{row['data']} data" if row.get("data", "synthetic") != "synthetic" else "")
+
+
 def step_table(rows) -> list[str]:
     step_rows = [r for r in rows if r.get("bench") == "bench_step"]
     if not step_rows:
@@ -65,7 +71,7 @@ def step_table(rows) -> list[str]:
              "|" + "---|" * (8 + len(phases))]
     for r in step_rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {mfu} | "
+        lines.append(f"| {r['model']} | {r['mode']}{step_options(r)} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {mfu} | "
                      f"{r['mean_context_tokens']} | {r.get('peak_memory_gib') or ''} | "
                      + " | ".join(f"{r['phase_ms'][p]:.1f}" for p in phases) + " |")
     first = step_rows[0]

@@ -195,13 +195,14 @@ def paper_img_per_s_per_gpu() -> float:
 
 
 def measured_rate(results_dir: Path, model: str, mode: str) -> dict | None:
-    """The latest non-quick GPU bench_step row for ``model`` and ``mode`` under ``results_dir``
-    whose hardware is one of GPUS, as {value, gpu, backward_fraction, source}."""
+    """The latest non-quick GPU bench_step row on synthetic images (the model's compute rate,
+    not a loader's) for ``model`` and ``mode`` under ``results_dir`` whose hardware is one of
+    GPUS, as {value, gpu, backward_fraction, source}."""
     found = None
     for path in sorted(Path(results_dir).glob("*.jsonl")):
         for row in read_rows([path]):
             if (row.get("bench") != "bench_step" or row.get("model") != model or row.get("mode") != mode
-                    or row.get("quick") or row.get("device") != "cuda"):
+                    or row.get("quick") or row.get("device") != "cuda" or row.get("data", "synthetic") != "synthetic"):
                 continue
             gpu = next((g for g in GPUS if g in str(row.get("hardware", ""))), None)
             if gpu is None:

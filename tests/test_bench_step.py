@@ -4,6 +4,7 @@ same step as fastjepa's fast path."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import load_benchmark
 
@@ -65,3 +66,18 @@ def test_the_real_reference_step_equals_the_re_created_one():
     off = module.PhaseTimer(torch.device("cpu"), enabled=False)
     losses = {mode: [float(step.run(off)) for _ in range(2)] for mode, step in steps.items()}
     torch.testing.assert_close(losses["reference-eager"], losses[module.REFERENCE_SRC_MODE], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_is_refused_clearly_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --cuda-graphs would really run")
+    with pytest.raises(SystemExit):
+        load_benchmark("bench_step").main(["--quick", "--cuda-graphs"])
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_report_and_plot_label_the_options_of_a_step_row():
+    step_options = load_benchmark("report").step_options
+    assert step_options({"compile": False}) == ""
+    assert step_options({"compile": True, "cuda_graphs": True, "data": "torchvision"}) == " +cuda-graphs +torchvision data"
+    assert step_options({"compile": True, "cuda_graphs": False, "data": "synthetic"}) == " +compile"
