@@ -161,28 +161,30 @@ def backend_epochs(config, folder: Path, device, loader_class=None):
 
 
 def dali_random_crop_class():
-    """The dali backend with fn.decoders.image_random_crop: DALI draws the windows."""
+    """The dali backend with fn.decoders.image_random_crop: DALI draws the windows (and the
+    flips); the source's windows are not used."""
     from fastjepa.data.dali import DEVICE_MEMORY_PADDING, HOST_MEMORY_PADDING, DaliLoader
 
     class DaliRandomCrop(DaliLoader):
-        def _pipeline(self, files, windows):
+        def _iterator(self):
             from nvidia.dali import fn, pipeline_def, types
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
             gpu = self.device_id is not None
             decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
 
             @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2, seed=0)
             def graph():
-                encoded, _ = fn.readers.file(files=files, name="reader", random_shuffle=False)
+                encoded = fn.external_source(source=lambda info: self._source(info)[:1], num_outputs=1, batch=True, batch_info=True)[0]
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, adjust_orientation=False,
                                                        random_area=list(self.crop_scale), random_aspect_ratio=[3 / 4, 4 / 3], **decoder)
                 images = fn.resize(images, resize_x=self.crop_size, resize_y=self.crop_size, interp_type=types.INTERP_LINEAR, antialias=True)
                 return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5 if self.flip else 0.0),
-                                                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], dtype=types.FLOAT, output_layout="CHW")
+                                                dtype=types.UINT8, output_layout="CHW")
 
             pipe = graph()
             pipe.build()
-            return pipe
+            return DALIGenericIterator([pipe], ["images"])
 
     return DaliRandomCrop
 

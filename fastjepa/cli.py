@@ -102,8 +102,12 @@ def _data_verify(args) -> int:
         print(f"fastjepa data: no image files under {args.folder} (extensions {', '.join(IMAGE_EXTENSIONS)}, any case)", file=sys.stderr)
         return 1
     moved = dict(report.moved)
-    for path, reason in report.bad:
-        print(f"{path}: {reason}" + (f" (moved to {moved[path]})" if path in moved else ""))
+    for name, reason in report.bad:
+        if name in moved:
+            reason += f" (moved to {moved[name]})"
+        elif args.move_to is not None:
+            reason += " (inside a tar shard: not moved; write the shard again without it)"
+        print(f"{name}: {reason}")
     ignored = f"; {len(report.ignored)} files without an image extension not checked (training does not read them)" if report.ignored else ""
     if report.bad:
         print(f"{len(report.bad)} of {report.checked} image files are bad" + (f", moved to {args.move_to}" if report.moved else "") + ignored)

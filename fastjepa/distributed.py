@@ -150,6 +150,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; over gloo, no GPU involved."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=_host_group)
+    return gathered
+
+
 def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
     """``flag`` (a 0-d bool or int tensor) or'ed over the ranks, still on the device."""
     if not is_distributed():

@@ -9,8 +9,8 @@ import platform
 import torch
 
 import fastjepa
-from fastjepa.data.loader import AUGMENTATIONS_ONLY_PIL, backend_problem, resolve_backend
-from fastjepa.ops.backend import device_problem, import_problem
+from fastjepa.data.loader import backend_problem, resolve_backend
+from fastjepa.ops.backend import device_problem
 
 
 def _version(distribution: str) -> str | None:
@@ -38,9 +38,9 @@ def backends() -> dict[str, str]:
     else:
         found["cuda"] = "usable" if has_gpu else "not usable: fastjepa._C is built but there is no GPU"
 
-    dali_problem = import_problem("nvidia.dali")
+    dali_problem = backend_problem("dali", device)
     if dali_problem:
-        found["dali"] = f"not usable: NVIDIA DALI is not installed ({dali_problem})"
+        found["dali"] = f"not usable: {dali_problem}"
     else:
         found["dali"] = "usable (GPU pipelines)" if has_gpu else "usable (CPU pipelines only: no GPU)"
 
@@ -49,7 +49,7 @@ def backends() -> dict[str, str]:
         found["torchvision"] = f"not usable: {torchvision_problem}"
     else:
         found["torchvision"] = "usable (decode_jpeg on the GPU)" if has_gpu else "usable (decode_jpeg on the CPU)"
-    found["data.backend auto"] = resolve_backend("auto", device, {key: False for key in AUGMENTATIONS_ONLY_PIL})
+    found["data.backend auto"] = resolve_backend("auto", device)
     return found
 
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from fastjepa.config import mask_sampler
+from fastjepa.data.images import is_shard
 from fastjepa.data.loader import resolve_backend
 from fastjepa.flops import step_flops_per_image
 from fastjepa.helper import init_model
@@ -18,11 +19,13 @@ def _millions(model: torch.nn.Module) -> float:
     return sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
 
 
-def _count_files(folder: str) -> int | None:
-    """Files under ``folder`` (a directory listing, no file is opened), or None if absent."""
+def _count_files(folder: str) -> tuple[int, int] | None:
+    """(files, .tar shards among them) under ``folder`` (a directory listing, no file is
+    opened), or None if absent."""
     if not os.path.isdir(folder):
         return None
-    return sum(len(files) for _, _, files in os.walk(folder))
+    names = [name for _, _, files in os.walk(folder) for name in files]
+    return len(names), sum(is_shard(name) for name in names)
 
 
 def describe(config: dict, device=None) -> str:
@@ -51,11 +54,11 @@ def describe(config: dict, device=None) -> str:
     activation_gb = data["batch_size"] * (context_values + predictor_values) * saved_per_token * value_bytes / 1e9
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = resolve_backend(data["backend"], device, data)
+    backend = resolve_backend(data["backend"], device)
     root = data_root(config)
-    files = _count_files(root)
-    samples = None if files is None else files * data["repeat"]
-    ipe = None if samples is None else samples // data["batch_size"]
+    counted = _count_files(root)
+    files, shards = counted or (None, 0)
+    ipe = None if files is None or shards else files * data["repeat"] // data["batch_size"]
     lines = [
         "fastjepa train --dry-run: the config is valid",
         f"  model          {meta['model_name']}/{mask['patch_size']} at {data['crop_size']} px: encoder {encoder_m:.1f} M parameters, "
@@ -65,9 +68,10 @@ def describe(config: dict, device=None) -> str:
         f"  FLOPs / image  {flops.total / 1e9:.1f} GFLOP per step: target forward {flops.target_forward / 1e9:.1f}, "
         f"context forward+backward {flops.context_forward_backward / 1e9:.1f}, predictor forward+backward {flops.predictor_forward_backward / 1e9:.1f}",
         f"  data           {root}: " + ("not found" if files is None else f"{files} files (listed, not read) x{data['repeat']} per epoch")
+        + (f", {shards} of them .tar shards (their images are counted when training starts)" if shards else "")
         + f", backend {backend}" + (" (auto)" if data["backend"] == "auto" else ""),
         f"  steps          {ipe} per epoch x {opt['epochs']} epochs = {ipe * opt['epochs']} (batch {data['batch_size']} per process)"
-        if ipe else f"  steps          unknown until the data folder exists (batch {data['batch_size']} per process)",
+        if ipe else f"  steps          unknown until the images are listed (batch {data['batch_size']} per process)",
         f"  memory         about {state_gb:.1f} GB of weights and optimizer state + {activation_gb:.1f} GB of activations "
         f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate)",
         f"  device         {device}",

@@ -96,7 +96,7 @@ def test_a_dali_error_without_a_file_name_is_one_line(tmp_path, monkeypatch):
     write_colour_images(tmp_path, 4)
     loader = make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
 
-    def fail(self, epoch, first_itr, index):
+    def fail(self):
         raise RuntimeError("Critical error in pipeline:\nsomething DALI says")
         yield
 

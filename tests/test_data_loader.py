@@ -3,6 +3,7 @@ batches of normalised images with their masks, sharding, determinism, mid-epoch 
 bad files; the backend choice and the masks drawn one step ahead."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -116,8 +117,8 @@ def reads(backend, monkeypatch):
     elif backend == "dali":
         from fastjepa.data.dali import DaliLoader
 
-        real = DaliLoader._pipeline
-        monkeypatch.setattr(DaliLoader, "_pipeline", lambda self, files, windows: count.extend(files) or real(self, files, windows))
+        real = DaliLoader._read
+        monkeypatch.setattr(DaliLoader, "_read", lambda self, i: count.append(i) or real(self, i))
     else:
         from fastjepa.data.torchvision_gpu import _Files
 
@@ -208,26 +209,17 @@ def test_mask_stream_gives_the_trainers_masks_whatever_the_batch_sizes():
 
 
 def test_auto_is_pil_on_the_cpu_and_dali_then_torchvision_on_a_gpu(monkeypatch):
-    data = validate({})["data"]
-    assert resolve_backend("auto", CPU, data) == "pil"
+    assert resolve_backend("auto", CPU) == "pil"
     gpu = torch.device("cuda")
     monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None)
-    assert resolve_backend("auto", gpu, data) == "dali"
+    assert resolve_backend("auto", gpu) == "dali"
     monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: "missing" if name == "dali" else None)
-    assert resolve_backend("auto", gpu, data) == "torchvision"
+    assert resolve_backend("auto", gpu) == "torchvision"
     monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None if name == "pil" else "missing")
-    assert resolve_backend("auto", gpu, data) == "pil"
+    assert resolve_backend("auto", gpu) == "pil"
     with pytest.raises(ConfigError, match="^data.backend dali: missing$"):
-        resolve_backend("dali", CPU, data)
-    assert resolve_backend("pil", gpu, data) == "pil"
-
-
-def test_colour_and_blur_need_the_pil_backend(monkeypatch):
-    monkeypatch.setattr(loader_module, "backend_problem", lambda name, device: None)
-    data = validate({"data": {"use_color_distortion": True}})["data"]
-    assert resolve_backend("auto", torch.device("cuda"), data) == "pil"
-    with pytest.raises(ConfigError, match="data.backend dali does not implement data.use_color_distortion; use data.backend: pil"):
-        resolve_backend("dali", torch.device("cuda"), data)
+        resolve_backend("dali", CPU)
+    assert resolve_backend("pil", gpu) == "pil"
 
 
 def test_backend_key_is_validated_with_one_line():
@@ -242,3 +234,58 @@ def test_missing_backend_says_how_to_install(tmp_path, monkeypatch):
         make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
     with pytest.raises(ConfigError, match="data.backend torchvision: torchvision is not importable"):
         make_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
+
+
+def test_ranks_share_the_header_check_and_read_each_file_once(tmp_path, monkeypatch):
+    import fastjepa.data.scan as scan
+
+    write_colour_images(tmp_path, 9)
+    (tmp_path / "004.jpg").write_bytes(b"not an image")
+    alone = scan.scan_folder(str(tmp_path))
+    checked = []
+    real = scan.check_file
+    monkeypatch.setattr(scan, "check_file", lambda image, formats=None: checked.append(image.name) or real(image, formats))
+    barrier, box, results = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def gather(obj):  # all_gather_object between two threads
+            box[r] = obj
+            barrier.wait()
+            parts = list(box)
+            barrier.wait()
+            return parts
+
+        results[r] = scan.scan_folder(str(tmp_path), None, r, 2, gather)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(checked) == sorted(alone.images.paths + [str(tmp_path / "004.jpg")])  # each file once, in all
+    for result in results:
+        assert result.images.paths == alone.images.paths and result.headers == alone.headers
+        assert result.rejected == alone.rejected == [(str(tmp_path / "004.jpg"), "not an image (no known image header)")]
+
+
+def test_colour_and_blur_on_the_device_are_the_batch_op_on_the_same_crops(tmp_path, backend):
+    if backend == "pil":
+        pytest.skip("pil distorts colours per sample in its workers (tests/test_data_images.py)")
+    from fastjepa.data.color import color_and_blur
+    from fastjepa.data.images import mix_seed
+    from fastjepa.data.loader import COLOR_STREAM
+    from fastjepa.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    write_colour_images(tmp_path, 8)
+    augment = dict(use_color_distortion=True, color_jitter_strength=1.0, use_gaussian_blur=True)
+    plain = epoch(make_loader(data_config(tmp_path, backend), CPU, seed=3, root=str(tmp_path)), 1)
+    coloured = epoch(make_loader(data_config(tmp_path, backend, **augment), CPU, seed=3, root=str(tmp_path)), 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    changed = 0
+    for itr, (a, b) in enumerate(zip(plain, coloured)):
+        crops = (a.images * std + mean).round().to(torch.uint8)  # the uint8 crops back
+        g = torch.Generator().manual_seed(mix_seed(3, 1, 0, itr, COLOR_STREAM))
+        expected = normalize(color_and_blur(crops, g, True, 1.0, True))
+        assert torch.allclose(b.images, expected, atol=1e-5)
+        changed += int((b.images - a.images).abs().amax(dim=(1, 2, 3)).gt(0.01).sum())
+    assert changed >= 4  # most of the 8 images were distorted (jitter p = 0.8, grayscale 0.2, blur 0.5)

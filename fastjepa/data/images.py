@@ -8,15 +8,19 @@ not on worker count, process or call order.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
+
+from fastjepa.data.shards import MemberFile, index_shard
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +36,57 @@ def is_image_file(path: str) -> bool:
 # listing
 
 
+class ImageRef(NamedTuple):
+    """Where an image's bytes are: a whole file, or bytes [offset, offset + size) of a
+    webdataset tar shard (``fastjepa.data.shards``)."""
+
+    name: str  # the file's path; for a tar member "<shard path>/<member name>"
+    file: str  # the file holding the bytes
+    offset: int = 0
+    size: int = -1  # -1: the whole file
+
+
+def open_image(ref: ImageRef | str) -> BinaryIO:
+    """A binary file object over the image's bytes (close it after use)."""
+    if isinstance(ref, str) or ref.size < 0:
+        return open(ref if isinstance(ref, str) else ref.file, "rb")
+    return io.BufferedReader(MemberFile(ref.file, ref.offset, ref.size))
+
+
+def read_image_bytes(ref: ImageRef | str) -> bytes:
+    with open_image(ref) as f:
+        return f.read()
+
+
 @dataclass
 class ImageList:
+    """The images of a folder: ``paths`` names them (see ``ImageRef.name``), ``ref(i)``
+    says where image i's bytes are."""
+
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files without an image extension
+    shards: list[str] = field(default_factory=list)  # the tar shards holding some of the images
+    # per image: its shard's index in ``shards`` (-1 for a loose file), and its bytes' offset and size there
+    shard: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def ref(self, i: int) -> ImageRef:
+        shard = int(self.shard[i])
+        if shard < 0:
+            return ImageRef(self.paths[i], self.paths[i])
+        return ImageRef(self.paths[i], self.shards[shard], int(self.offsets[i]), int(self.sizes[i]))
+
+    def take(self, indices) -> "ImageList":
+        """The images at ``indices``, in that order (same classes, skipped files and shards)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageList([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes, self.skipped,
+                         self.shards, self.shard[indices], self.offsets[indices], self.sizes[indices])
 
 
 def require_folder(root) -> str:
@@ -60,6 +109,10 @@ def _walk_files(top: str) -> list[str]:
     return sorted(found)
 
 
+def is_shard(path: str) -> bool:
+    return path.lower().endswith(".tar")
+
+
 def list_images(root: str) -> ImageList:
     """List the images under root, ImageFolder style.
 
@@ -68,30 +121,38 @@ def list_images(root: str) -> ImageList:
     name. Images lying directly in root form one more class named "." that comes
     first (label 0). So a flat folder of images is the single class "." and a
     folder of class subfolders labels exactly like torchvision's ImageFolder.
+    A ``.tar`` file is a webdataset shard: its image members are images of the class
+    of the folder holding it (``fastjepa.data.shards``), in the shard's order.
     Files without an image extension are not loaded; they are listed in ``skipped``.
     """
     root = require_folder(root)
-    per_class: dict[str, list[str]] = {}
+    per_class: dict[str, list[tuple[str, int, int, int]]] = {}  # class -> (name, shard, offset, size)
     skipped: list[str] = []
+    shards: list[str] = []
     for rel in _walk_files(root):
         path = os.path.join(root, rel)
-        if not is_image_file(rel):
-            skipped.append(path)
-            continue
         parts = rel.split(os.sep)
         name = ROOT_CLASS if len(parts) == 1 else parts[0]
-        per_class.setdefault(name, []).append(path)
+        if is_shard(rel):
+            members = index_shard(path, is_image_file)
+            if members:
+                per_class.setdefault(name, []).extend((f"{path}/{member}", len(shards), offset, size) for member, offset, size in members)
+                shards.append(path)
+        elif is_image_file(rel):
+            per_class.setdefault(name, []).append((path, -1, 0, -1))
+        else:
+            skipped.append(path)
 
     if not per_class:
         raise ValueError(
-            f"empty dataset: no images under {root!r} (looked for extensions {', '.join(IMAGE_EXTENSIONS)}, any case)"
+            f"empty dataset: no images under {root!r} (looked for extensions {', '.join(IMAGE_EXTENSIONS)}, any case, "
+            f"as files and in .tar shards)"
         )
     classes = sorted(per_class, key=lambda name: (name != ROOT_CLASS, name))
-    listing = ImageList(classes=classes, skipped=skipped)
-    for label, name in enumerate(classes):
-        listing.paths.extend(per_class[name])
-        listing.labels.extend([label] * len(per_class[name]))
-    return listing
+    entries = [entry for name in classes for entry in per_class[name]]
+    labels = [label for label, name in enumerate(classes) for _ in per_class[name]]
+    return ImageList([e[0] for e in entries], labels, classes, skipped, shards, np.array([e[1] for e in entries], dtype=np.int32),
+                     np.array([e[2] for e in entries], dtype=np.int64), np.array([e[3] for e in entries], dtype=np.int64))
 
 
 def default_photos_dir() -> str:
@@ -278,9 +339,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # alpha is dropped
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully into an RGB image (raises on an unreadable file)."""
-    with Image.open(path) as img:
+def load_rgb(image: ImageRef | str) -> Image.Image:
+    """Decode an image (a path or an ``ImageRef``) fully into an RGB image (raises on an unreadable one)."""
+    with open_image(image) as f, Image.open(f) as img:
         img.load()
         return _to_rgb(img)
 
@@ -302,6 +363,7 @@ class ImageDataset(torch.utils.data.Dataset):
         listing = list_images(root)
         self.root = os.fspath(root)
         self.transform = transform
+        self.images = listing
         self.paths = listing.paths
         self.labels = listing.labels
         self.classes = listing.classes
@@ -318,7 +380,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.paths)} images")
         path = self.paths[index]
         try:
-            img = load_rgb(path)
+            img = load_rgb(self.images.ref(index))
         except Exception as error:  # any decoding failure: skip the sample, never crash the run
             if path not in self.bad_files:
                 self.bad_files.add(path)

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from fastjepa.config import ConfigError, mask_sampler
-from fastjepa.data.images import SeededSampler, load_rgb, mix_seed
+from fastjepa.data.color import color_and_blur
+from fastjepa.data.images import ImageList, SeededSampler, load_rgb, mix_seed
+from fastjepa.data.normalize import normalize
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 from fastjepa.ops.backend import import_problem
 
-AUGMENTATIONS_ONLY_PIL = ("use_color_distortion", "use_gaussian_blur")  # switches only the pil backend implements
+COLOR_STREAM = 1  # mixed into the seed of a batch's colour and blur draws, apart from its crops
 
 
 class Batch(NamedTuple):
@@ -62,17 +64,14 @@ def backend_problem(name: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(requested: str, device: torch.device, data: dict) -> str:
+def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend ``data.backend: requested`` runs on ``device``; ``ConfigError`` when it cannot."""
-    needs_pil = [key for key in AUGMENTATIONS_ONLY_PIL if data[key]]
     if requested == "auto":
-        if device.type == "cuda" and not needs_pil:
+        if device.type == "cuda":
             for name in ("dali", "torchvision"):
                 if backend_problem(name, device) is None:
                     return name
         return "pil"
-    if needs_pil and requested != "pil":
-        raise ConfigError(f"data.backend {requested} does not implement data.{needs_pil[0]}; use data.backend: pil")
     problem = backend_problem(requested, device)
     if problem:
         raise ConfigError(f"data.backend {requested}: {problem}")
@@ -123,21 +122,23 @@ class ImageLoader(ABC):
 
     backend = ""
 
-    def __init__(self, config: dict, root: str, paths: list[str], device, seed: int, rank: int, world_size: int,
-                 skipped_files: list[str], rejected: list[tuple[str, str]]):
+    def __init__(self, config: dict, root: str, images: ImageList, device, seed: int, rank: int, world_size: int,
+                 rejected: list[tuple[str, str]]):
         data, mask = config["data"], config["mask"]
-        self.root, self.paths = root, paths
-        self.skipped_files = skipped_files  # files without an image extension, never read
-        self.rejected = rejected  # (path, reason): image files left out before training (header check)
+        self.root, self.images, self.paths = root, images, images.paths  # paths: the images' names
+        self.skipped_files = images.skipped  # files without an image extension, never read
+        self.rejected = rejected  # (name, reason): images left out before training (header check)
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.batch_size, self.crop_size = data["batch_size"], data["crop_size"]
         self.crop_scale = tuple(data["crop_scale"])
         self.flip = data["use_horizontal_flip"]
+        self.color_distortion, self.color_strength = data["use_color_distortion"], data["color_jitter_strength"]
+        self.blur = data["use_gaussian_blur"]
         self.num_workers = data["num_workers"]
         self.sampler, self.ragged = mask_sampler(config), mask["ragged"]
-        self.num_images = len(paths)
-        self.order = SeededSampler(len(paths) * data["repeat"], seed, dataset_size=len(paths), rank=rank, world_size=world_size)
+        self.num_images = len(images)
+        self.order = SeededSampler(len(images) * data["repeat"], seed, dataset_size=len(images), rank=rank, world_size=world_size)
         self.steps_per_epoch = self.order.per_rank // self.batch_size
         if self.steps_per_epoch == 0:
             ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
@@ -172,12 +173,12 @@ class ImageLoader(ABC):
         that decodes with PIL (that epoch was bad luck), else raise ValueError naming a bad
         file (a folder of unreadable files stops the run instead of training nothing)."""
         first_problem = None
-        for path in self.paths:
+        for i in range(self.num_images):
             try:
-                load_rgb(path)
+                load_rgb(self.images.ref(i))
                 return
             except Exception as error:  # any decoding failure, as ImageDataset
-                first_problem = first_problem or f"{path}: {type(error).__name__}: {error}".splitlines()[0]
+                first_problem = first_problem or f"{self.paths[i]}: {type(error).__name__}: {error}".splitlines()[0]
         raise ValueError(f"none of the {len(self.paths)} image files under {self.root!r} decodes (e.g. {first_problem}); "
                          f"`fastjepa data verify {self.root}` lists them")
 
@@ -191,6 +192,15 @@ class ImageLoader(ABC):
         """The generator of batch itr's crops and flips (backends that draw a whole batch at once)."""
         return torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, itr))
 
+    def finish_on_device(self, images: torch.Tensor, epoch: int, itr: int) -> torch.Tensor:
+        """Batch itr's uint8 crops on the device -> the config's colour distortion and blur
+        (drawn from a generator seeded by seed, epoch, rank and batch) -> normalised. For the
+        backends that crop on the device; pil does all of it per sample in its workers."""
+        if self.color_distortion or self.blur:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, itr, COLOR_STREAM))
+            images = color_and_blur(images, g, self.color_distortion, self.color_strength, self.blur)
+        return normalize(images)
+
     def flips(self, n: int, generator: torch.Generator) -> np.ndarray:
         """Which of n images to mirror: each with p = 0.5 when flipping is on."""
         draws = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
@@ -201,11 +211,13 @@ class ImageLoader(ABC):
         """(images normalised on the device, bad-file count) for each remaining batch of the epoch."""
 
 
-def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1) -> ImageLoader:
+def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1, gather=None) -> ImageLoader:
     """The loader of ``config``'s ``data.backend`` over the images under root (see
-    ``list_images``) for this rank."""
+    ``list_images``) for this rank. ``gather``: an all-gather of Python objects over the
+    ranks, with which the ranks share the header check of the dali and torchvision
+    backends (``fastjepa.data.scan``); without it every rank checks every file."""
     device = torch.device(device)
-    backend = resolve_backend(config["data"]["backend"], device, config["data"])
+    backend = resolve_backend(config["data"]["backend"], device)
     if backend == "pil":
         from fastjepa.data.pil import PilLoader
 
@@ -213,7 +225,7 @@ def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world
     if backend == "dali":
         from fastjepa.data.dali import DaliLoader
 
-        return DaliLoader(config, root, device, seed, rank, world_size)
+        return DaliLoader(config, root, device, seed, rank, world_size, gather)
     from fastjepa.data.torchvision_gpu import TorchvisionLoader
 
-    return TorchvisionLoader(config, root, device, seed, rank, world_size)
+    return TorchvisionLoader(config, root, device, seed, rank, world_size, gather)

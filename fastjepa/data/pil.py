@@ -22,7 +22,7 @@ class PilLoader(ImageLoader):
         self.dataset = ImageDataset(root, make_transforms(
             data["crop_size"], tuple(data["crop_scale"]), data["use_horizontal_flip"], data["use_color_distortion"],
             data["color_jitter_strength"], data["use_gaussian_blur"]))
-        super().__init__(config, root, self.dataset.paths, device, seed, rank, world_size, self.dataset.skipped_files, [])
+        super().__init__(config, root, self.dataset.images, device, seed, rank, world_size, [])
         self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.order, num_workers=self.num_workers,
                                  pin_memory=data["pin_mem"] and self.device.type == "cuda", drop_last=True,
                                  collate_fn=collate_images, persistent_workers=self.num_workers > 0)  # workers live across epochs

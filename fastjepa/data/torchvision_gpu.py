@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from fastjepa.data.images import load_rgb, random_resized_crop_boxes, to_uint8_chw
+from fastjepa.data.images import ImageList, load_rgb, random_resized_crop_boxes, read_image_bytes, to_uint8_chw
 from fastjepa.data.loader import ImageLoader
-from fastjepa.data.normalize import normalize
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)
@@ -41,20 +40,20 @@ class _Files(Dataset):
     """Item i: (i, bytes) for a colour JPEG (decoded on the device later), (i, image) for
     any other file (decoded here with PIL, (3, H, W) uint8), (i, None) when PIL fails."""
 
-    def __init__(self, paths: list[str], on_device: list[bool]):
-        self.paths, self.on_device = paths, on_device
+    def __init__(self, images: ImageList, on_device: list[bool]):
+        self.images, self.on_device = images, on_device
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
+        ref = self.images.ref(i)
         if self.on_device[i]:
-            return i, torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+            return i, torch.frombuffer(bytearray(read_image_bytes(ref)), dtype=torch.uint8)
         try:
-            return i, to_uint8_chw(load_rgb(path))
+            return i, to_uint8_chw(load_rgb(ref))
         except Exception as error:  # counted as bad by the main process
-            logger.warning("skipping unreadable image %s: %s: %s", path, type(error).__name__, error)
+            logger.warning("skipping unreadable image %s: %s: %s", ref.name, type(error).__name__, error)
             return i, None
 
 
@@ -71,12 +70,12 @@ class _EpochBatches:
 class TorchvisionLoader(ImageLoader):
     backend = "torchvision"
 
-    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1):
-        listing, scan = scan_folder(root)  # PIL decodes what the GPU does not: any format
-        super().__init__(config, root, scan.paths, device, seed, rank, world_size, listing.skipped, scan.rejected)
+    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1, gather=None):
+        scan = scan_folder(root, None, rank, world_size, gather)  # PIL decodes what the GPU does not: any format
+        super().__init__(config, root, scan.images, device, seed, rank, world_size, scan.rejected)
         self.widths, self.heights = scan.widths, scan.heights
         self.on_device = [h.format in ("JPEG", "MPO") and h.mode == "RGB" for h in scan.headers]
-        self.reader = DataLoader(_Files(self.paths, self.on_device), batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
+        self.reader = DataLoader(_Files(self.images, self.on_device), batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                                  collate_fn=list, persistent_workers=self.num_workers > 0)
 
     def _batches(self, epoch: int, start_itr: int):
@@ -97,7 +96,7 @@ class TorchvisionLoader(ImageLoader):
                 yield [], bad
                 continue
             images = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)  # uint8, as the other backends' crops
-            yield normalize(images), bad
+            yield self.finish_on_device(images, epoch, start_itr + b), bad
 
     def _decode(self, batch) -> list[torch.Tensor | None]:
         """The batch's images on the device (None for a file that failed)."""

@@ -4,8 +4,10 @@ Every file with an image extension gets three checks: the header check the DALI 
 torchvision backends run at start (``fastjepa.data.scan``: a known image header, an end
 marker for JPEG and PNG), PIL's ``verify`` (the file's structure, and the CRCs of PNG
 chunks) and a full decode to RGB, as the pil backend does. A file that passes all three
-decodes in every backend. Files without an image extension are never read by training;
-they are counted, not checked. Bad files can be moved aside (never deleted).
+decodes in every backend. The image members of ``.tar`` shards are checked the same way
+(a tar that cannot be read is itself a bad file). Files without an image extension are never
+read by training; they are counted, not checked. Bad files can be moved aside (never
+deleted); a bad member of a shard cannot, it is listed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from fastjepa.data.images import _walk_files, is_image_file, load_rgb, require_folder
+from fastjepa.data.images import ImageRef, _walk_files, is_image_file, is_shard, load_rgb, open_image, require_folder
+from fastjepa.data.shards import index_shard
 from fastjepa.data.scan import BadImage, check_file
 
 PROGRESS_FROM = 1000  # files: a progress bar from this many on
@@ -29,19 +32,19 @@ PROGRESS_FROM = 1000  # files: a progress bar from this many on
 
 @dataclass
 class VerifyReport:
-    checked: int = 0  # image files checked
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    checked: int = 0  # images checked (files and shard members)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (name, reason): see ImageRef.name
     ignored: list[str] = field(default_factory=list)  # files without an image extension
     moved: list[tuple[str, str]] = field(default_factory=list)  # (from, to)
 
 
-def verify_file(path: str) -> str | None:
-    """Why training cannot use the image file at path (None when it can)."""
+def verify_file(image: ImageRef | str) -> str | None:
+    """Why training cannot use the image (a path or an ``ImageRef``; None when it can)."""
     try:
-        check_file(path)
-        with Image.open(path) as img:
+        check_file(image)
+        with open_image(image) as f, Image.open(f) as img:
             img.verify()
-        load_rgb(path)
+        load_rgb(image)
     except BadImage as e:
         return str(e)
     except Exception as e:  # PIL raises many kinds of errors on damaged files
@@ -56,20 +59,31 @@ def verify_folder(root: str, move_to: str | None = None, workers: int = 1, progr
     if move_to is not None and Path(move_to).resolve().is_relative_to(Path(root).resolve()):
         raise ValueError(f"the folder for bad files {move_to!r} is inside {root!r}, where training would read them; choose one outside it")
     report = VerifyReport()
-    paths = []
+    images: list[ImageRef] = []
+    broken_shards = []
     for rel in _walk_files(root):
-        (paths if is_image_file(rel) else report.ignored).append(os.path.join(root, rel))
-    report.checked = len(paths)
+        path = os.path.join(root, rel)
+        if is_shard(rel):
+            try:
+                images += [ImageRef(f"{path}/{name}", path, offset, size) for name, offset, size in index_shard(path, is_image_file)]
+            except ValueError as error:
+                broken_shards.append((path, str(error).removeprefix(f"{path} ")))
+        elif is_image_file(rel):
+            images.append(ImageRef(path, path))
+        else:
+            report.ignored.append(path)
+    report.checked = len(images) + len(broken_shards)
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            problems = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(verify_file, paths, chunksize=32)
+            problems = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(verify_file, images, chunksize=32)
         else:
-            problems = map(verify_file, paths)
-        bar = tqdm(problems, total=len(paths), unit="file", desc="verify", file=sys.stderr,
-                   disable=not progress or len(paths) < PROGRESS_FROM)
-        report.bad = [(path, problem) for path, problem in zip(paths, bar) if problem is not None]
+            problems = map(verify_file, images)
+        bar = tqdm(problems, total=len(images), unit="image", desc="verify", file=sys.stderr,
+                   disable=not progress or len(images) < PROGRESS_FROM)
+        report.bad = broken_shards + [(image.name, problem) for image, problem in zip(images, bar) if problem is not None]
     if move_to is not None:
-        report.moved = [(path, _move_aside(path, root, move_to)) for path, _ in report.bad]
+        members = {image.name for image in images if image.size >= 0}  # inside shards: cannot be moved
+        report.moved = [(name, _move_aside(name, root, move_to)) for name, _ in report.bad if name not in members]
     return report
 
 
