@@ -117,3 +117,21 @@ def test_the_gpu_graph_matches_the_cpu_graph(tmp_path):
     for a, b in zip(on_cpu, on_gpu):
         assert b.images.is_cuda and all(m.is_cuda for m in b.masks_enc + b.masks_pred)
         assert ((a.images - b.images.cpu()).abs() * 255 * 0.226).mean() < 1.5  # nvJPEG and libjpeg-turbo round differently
+
+
+def test_a_dropped_loader_frees_its_pipeline_at_once(tmp_path):
+    """No reference cycle through the pipeline's source: the cyclic collector could otherwise
+    free it later, even in a forked DataLoader worker, where DALI's threads do not exist."""
+    import gc
+    import weakref
+
+    write_colour_images(tmp_path, 8)
+    loader = make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
+    assert len(epoch(loader, 0)) == 2 and len(epoch(loader, 1)) == 2  # the second epoch reuses the pipeline
+    pipeline = weakref.ref(loader.iterator)
+    gc.disable()
+    try:
+        del loader
+        assert pipeline() is None
+    finally:
+        gc.enable()

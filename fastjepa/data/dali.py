@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -173,9 +174,16 @@ class DaliLoader(ImageLoader):
         size = self.crop_size
         decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
 
+        # The pipeline must not hold the loader: a cycle would leave the pipeline and its threads
+        # to the cyclic collector, which may run in a process forked later and hang there.
+        loader = weakref.ref(self)
+
+        def source(info):
+            return loader()._source(info)
+
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
         def graph():
-            encoded, anchor, shape, mirror = fn.external_source(source=self._source, num_outputs=4, batch=True, batch_info=True)
+            encoded, anchor, shape, mirror = fn.external_source(source=source, num_outputs=4, batch=True, batch_info=True)
             images = fn.decoders.image_slice(encoded, anchor, shape, output_type=types.RGB, adjust_orientation=False,
                                              normalized_anchor=False, normalized_shape=False, **decoder)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)

@@ -15,7 +15,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"normalize expects (B, 3, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
     mean, std = _statistics(images.device, dtype)
-    return (images.to(dtype) - mean) / std
+    return images.to(dtype).sub_(mean).div_(std)  # one new tensor: on the CPU each fresh batch-sized buffer costs page faults
 
 
 @functools.lru_cache(maxsize=None)
