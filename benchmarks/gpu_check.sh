@@ -8,7 +8,8 @@
 #     benchmarks/gpu_check.sh        # from anywhere; 5 to 8 minutes on an H200
 #
 #     benchmarks/results/<date>-<gpu>.jsonl   result rows (ceilings, kernels, test summary)
-#     benchmarks/results/<date>-<gpu>.md      the same as tables
+#     benchmarks/results/<date>-<gpu>.md      the same as tables, and the targets (pass / miss)
+#     README.md                               its targets table, rewritten from every results file
 #     benchmarks/results/<date>-<gpu>.log     everything printed
 #     benchmarks/results/<date>-<gpu>-figures/ kernels.png, step.png, phases.png, scaling.png
 #     benchmarks/results/scaling.jsonl        the 300-epoch projection from the measured step rate
@@ -74,7 +75,7 @@ stage step 45 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --
 # The same step fed by the loader over generated JPEGs: the data wait per step (torchvision: the H200 has no DALI).
 stage step-data 25 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --data torchvision --images 384 \
     --steps 6 --warmup 2 --results "$RESULTS"
-stage report 5 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md'"
+stage report 5 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md' && $PYTHON benchmarks/report.py --readme README.md"
 stage figures 10 $PYTHON benchmarks/plot.py "$RESULTS" --out "$BASE-figures"
 # What the measured one-GPU rate means for 300 epochs on 8 to 128 GPUs (a model; benchmarks/results/scaling.jsonl).
 stage scaling 5 $PYTHON benchmarks/scaling.py --plot "$BASE-figures/scaling.png"

@@ -60,3 +60,49 @@ def test_plot_draws_kernel_and_step_figures_and_ignores_quick_rows(tmp_path):
     quick = tmp_path / "quick.jsonl"
     quick.write_text("".join(json.dumps({**r, "quick": True}) + "\n" for r in rows))
     assert load_benchmark("plot").main([str(quick), "--out", str(tmp_path / "none")]) == []
+
+
+def test_targets_read_the_rows_benchmarks_write_and_judge_them():
+    report = load_benchmark("report")
+    kernels, peers = load_benchmark("bench_kernels"), load_benchmark("attention_peers")
+    source = (BENCHMARKS / "bench_kernels.py").read_text()
+    for op, mode, model, provider in report.KERNEL_CASES:  # names the benchmarks really write
+        assert model in kernels.MODELS or model in kernels.ATTENTION_CASES, model
+        assert mode in ("fwd", "bwd", "fwd+bwd", "update", "step"), mode
+        known = provider in peers.PEERS or f'"{provider}"' in source
+        known = known or (provider in ("fastjepa triton", "fastjepa cuda") and 'f"fastjepa {backend}"' in source)
+        assert known, provider
+    base = {"bench": "bench_kernels", "op": "gather", "mode": "fwd+bwd", "model": "vit_huge", "hardware": "NVIDIA H200",
+            "torch": "2.11", "command": "python benchmarks/bench_kernels.py", "quick": False}
+    rows = [{**base, "provider": "reference apply_masks", "median_ms": 3.0, "date": "2026-12-01 10:00 UTC"},
+            {**base, "provider": "fastjepa triton", "median_ms": 1.0, "pct_copy": 85.0, "date": "2026-12-01 10:00 UTC"},
+            {**base, "provider": "fastjepa triton", "median_ms": 1.5, "pct_copy": 70.0, "date": "2026-12-01 09:00 UTC"},  # older
+            {**base, "provider": "fastjepa triton", "median_ms": 0.1, "pct_copy": 99.0, "date": "2026-12-02 10:00 UTC", "quick": True}]
+    table = "\n".join(report.targets_table(sorted(rows, key=lambda r: r["date"])))
+    assert "| 4 | gather fwd+bwd, ViT-H/14 shapes, bf16 (triton): % of copy bandwidth: >= 80% | 85.0% | pass | NVIDIA H200" in table
+    assert "| 4 | gather fwd+bwd, ViT-H/14 (triton) vs the reference apply_masks idiom: >= 3x | 3.00x | pass |" in table
+    assert "| 6 | gather fwd+bwd, ViT-H/14 (cuda) vs triton: >= 1x | | not measured | |" in table
+    step = {"bench": "bench_step", "model": "vit_huge/14", "device": "cuda", "data": "synthetic", "quick": False, "date": "d"}
+    rows = [{**step, "mode": "reference-eager", "images_per_s": 100.0, "peak_memory_gib": 100.0},
+            {**step, "mode": "fastjepa", "images_per_s": 250.0, "peak_memory_gib": 50.0, "mfu": 0.6}]
+    table = "\n".join(report.targets_table(rows))
+    assert "fastjepa images/s vs the reference step: >= 3x | 2.50x | MISS |" in table
+    assert "fastjepa MFU against the measured bf16 matmul ceiling: >= 55% | 60.0% | pass |" in table
+    assert "fastjepa peak memory / the reference step's: <= 0.6x | 0.50x | pass |" in table
+    rows.append({**step, "mode": "reference-src", "images_per_s": 50.0, "peak_memory_gib": 90.0})  # the real reference wins
+    assert "vs the reference step: >= 3x | 5.00x | pass |" in "\n".join(report.targets_table(rows))
+
+
+def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
+    report = load_benchmark("report")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    report.main(["--readme", str(readme), str(empty)])
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n" + report.README_BEGIN) and text.endswith(report.README_END + "\nafter\n")
+    assert "old table" not in text and text.count("not measured") == len(report.TARGETS)
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="no block between"):
+        report.main(["--readme", str(readme), str(empty)])
