@@ -233,10 +233,14 @@ def new_run_folder() -> Path:
 
 
 class CSVLog:
-    """The reference's per-rank CSV plus lr, wd, momentum and throughput; appends on resume."""
+    """The reference's per-rank CSV plus lr, wd, momentum and throughput. A resumed run
+    appends to it, after dropping the rows of the steps it runs again (logged after its
+    checkpoint by the run that stopped), so each step has one row."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_at: tuple[int, int] = (0, 0)):
         new = not path.exists() or path.stat().st_size == 0
+        if not new and resume_at != (0, 0):
+            self._drop_rows_from(path, resume_at)
         self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
         if new:
@@ -245,6 +249,26 @@ class CSVLog:
     def row(self, *values) -> None:
         self.writer.writerow(values)
         self.file.flush()
+
+    @staticmethod
+    def _drop_rows_from(path: Path, resume_at: tuple[int, int]) -> None:
+        """Rewrite the CSV (atomically) without the rows of steps at or after ``resume_at``
+        ((epoch, itr), epoch counted from 0; the CSV counts from 1, as the reference)."""
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+
+        def before(row) -> bool:
+            try:
+                return (int(row[0]) - 1, int(row[1])) < resume_at
+            except (ValueError, IndexError):  # the header, or a line that is not a step
+                return True
+
+        kept = [row for row in rows if before(row)]
+        if len(kept) < len(rows):
+            partial = path.with_name(path.name + ".partial")
+            with open(partial, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(partial, path)
 
     def close(self) -> None:
         self.file.close()
@@ -368,7 +392,7 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     if is_main:
         with open(folder / "params-ijepa.yaml", "w") as f:
             yaml.dump(config, f)
-    log = CSVLog(folder / f"{tag}_r{this_rank}.csv")
+    log = CSVLog(folder / f"{tag}_r{this_rank}.csv", (start_epoch, start_itr))
     board = _tensorboard(folder) if is_main else None
     latest = folder / f"{tag}-latest.pth.tar"
 

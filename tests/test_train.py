@@ -43,6 +43,16 @@ def test_output_folder_holds_config_log_and_reference_checkpoint(tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["fastjepa"]["itr"] == 1  # stopped one step into epoch 2
 
 
+def test_resume_drops_the_rows_a_stopped_run_logged_after_its_checkpoint(tmp_path):
+    fit(out=tmp_path / "straight", max_steps=6, **SMALL)
+    fit(out=tmp_path / "split", max_steps=3, **SMALL)  # its checkpoint: the end of epoch 1
+    with open(tmp_path / "split" / "jepa_r0.csv", "a") as f:  # a run killed after logging 2 more steps, before a checkpoint
+        f.write("2,0,9.99999,9,9,1.0,0.1,0.04,0.996,1.0\n2,1,9.99999,9,9,1.0,0.1,0.04,0.996,1.0\n")
+    fit(out=tmp_path / "split", max_steps=3, resume="latest", **SMALL)
+    strip_time = lambda rows: [r[:5] + r[6:9] for r in rows]
+    assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))  # one row per step
+
+
 @pytest.mark.parametrize("first, bf16", [(2, False), (3, False), (2, True)], ids=["in-epoch", "epoch-boundary", "bf16-shadow"])
 def test_resume_continues_exactly(tmp_path, first, bf16):
     """bf16: autocast with the target's bf16 shadow, which is not saved but rebuilt from the target."""
