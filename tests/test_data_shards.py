@@ -6,15 +6,17 @@ import os
 import tarfile
 
 import pytest
-import torch
-
 from fastjepa.cli import main
 from fastjepa.data.images import ImageRef, list_images, load_rgb, open_image, read_image_bytes
 from fastjepa.data.loader import make_loader
 from fastjepa.data.scan import check_file, scan_folder
 from fastjepa.data.shards import MemberFile, index_shard
 from imagefiles import gradient, identify, jpeg_bytes, undecodable_jpeg, write_colour_images
-from test_data_loader import CPU, assert_same_batches, backend, data_config, epoch  # noqa: F401 (backend is a fixture)
+
+import test_data_loader
+from test_data_loader import CPU, assert_same_batches, data_config, epoch
+
+backend = test_data_loader.backend  # the data backends' fixture (pil, dali, torchvision), not conftest's ops backends
 
 
 def write_shard(path, members: list[tuple[str, bytes]]) -> str:
