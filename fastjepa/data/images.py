@@ -113,7 +113,7 @@ def is_shard(path: str) -> bool:
     return path.lower().endswith(".tar")
 
 
-def list_images(root: str) -> ImageList:
+def list_images(root: str, rank: int = 0, world_size: int = 1, gather=None) -> ImageList:
     """List the images under root, ImageFolder style.
 
     The rule: each top-level subdirectory of root that holds at least one image
@@ -124,17 +124,27 @@ def list_images(root: str) -> ImageList:
     A ``.tar`` file is a webdataset shard: its image members are images of the class
     of the folder holding it (``fastjepa.data.shards``), in the shard's order.
     Files without an image extension are not loaded; they are listed in ``skipped``.
+
+    With ``gather`` (an all-gather of Python objects over the ranks, in rank order), rank r
+    indexes shards r, r + world_size, ... and the ranks share the indexes.
     """
     root = require_folder(root)
+    files = _walk_files(root)
+    shard_files = [rel for rel in files if is_shard(rel)]
+    if gather is None:
+        rank, world_size = 0, 1
+    indexes = {rel: index_shard(os.path.join(root, rel), is_image_file) for rel in shard_files[rank::world_size]}
+    if gather is not None:
+        indexes = {rel: members for part in gather(indexes) for rel, members in part.items()}
     per_class: dict[str, list[tuple[str, int, int, int]]] = {}  # class -> (name, shard, offset, size)
     skipped: list[str] = []
     shards: list[str] = []
-    for rel in _walk_files(root):
+    for rel in files:
         path = os.path.join(root, rel)
         parts = rel.split(os.sep)
         name = ROOT_CLASS if len(parts) == 1 else parts[0]
         if is_shard(rel):
-            members = index_shard(path, is_image_file)
+            members = indexes[rel]
             if members:
                 per_class.setdefault(name, []).extend((f"{path}/{member}", len(shards), offset, size) for member, offset, size in members)
                 shards.append(path)
@@ -347,7 +357,8 @@ def load_rgb(image: ImageRef | str) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """The images under root (see ``list_images``), decoded to RGB and transformed.
+    """The images under root (see ``list_images``; or ``listing``, a listing of root),
+    decoded to RGB and transformed.
 
     ``transform`` is always called as ``transform(img, g)`` where ``g`` is a fresh
     ``torch.Generator().manual_seed(seed)``; deterministic transforms (such as
@@ -359,8 +370,8 @@ class ImageDataset(torch.utils.data.Dataset):
     file cannot be decoded; that file is logged once as a warning and never raises.
     """
 
-    def __init__(self, root: str, transform=None):
-        listing = list_images(root)
+    def __init__(self, root: str, transform=None, listing: ImageList | None = None):
+        listing = list_images(root) if listing is None else listing
         self.root = os.fspath(root)
         self.transform = transform
         self.images = listing

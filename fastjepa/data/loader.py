@@ -214,14 +214,15 @@ class ImageLoader(ABC):
 def make_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1, gather=None) -> ImageLoader:
     """The loader of ``config``'s ``data.backend`` over the images under root (see
     ``list_images``) for this rank. ``gather``: an all-gather of Python objects over the
-    ranks, with which the ranks share the header check of the dali and torchvision
-    backends (``fastjepa.data.scan``); without it every rank checks every file."""
+    ranks, with which the ranks share the indexing of tar shards and the header check of
+    the dali and torchvision backends (``fastjepa.data.scan``); without it every rank reads
+    every shard index and checks every file."""
     device = torch.device(device)
     backend = resolve_backend(config["data"]["backend"], device)
     if backend == "pil":
         from fastjepa.data.pil import PilLoader
 
-        return PilLoader(config, root, device, seed, rank, world_size)
+        return PilLoader(config, root, device, seed, rank, world_size, gather)
     if backend == "dali":
         from fastjepa.data.dali import DaliLoader
 

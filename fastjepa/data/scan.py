@@ -112,10 +112,10 @@ def scan_images(images: ImageList, formats: frozenset[str] | None = None, rank: 
 
 
 def scan_folder(root: str, formats: frozenset[str] | None = None, rank: int = 0, world_size: int = 1, gather=None) -> ScanResult:
-    """The header check of the images under root (``list_images``; shared by the ranks with
-    ``gather``, see ``scan_images``), logging the rejected ones; ``ValueError`` when no
-    image passes."""
-    scan = scan_images(list_images(root), formats, rank, world_size, gather)
+    """The header check of the images under root (``list_images``; the shard indexes and
+    the check shared by the ranks with ``gather``, see ``scan_images``), logging the
+    rejected ones; ``ValueError`` when no image passes."""
+    scan = scan_images(list_images(root, rank, world_size, gather), formats, rank, world_size, gather)
     if not len(scan.images):
         path, reason = scan.rejected[0]
         raise ValueError(f"no readable image under {root!r}: all {len(scan.rejected)} image files fail the header check, e.g. {path}: {reason}")
