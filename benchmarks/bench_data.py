@@ -3,6 +3,7 @@
     python benchmarks/bench_data.py                              # 200 JPEGs, crop 224, batch 32, 1 and 2 workers
     python benchmarks/bench_data.py --images 1000 --batch-size 128 --workers 8,16    # a GPU machine
     python benchmarks/bench_data.py --quick                      # a few small images: checks every pipeline runs
+    python benchmarks/bench_data.py --shards                     # fastjepa's pipelines read webdataset tar shards
 
 Every pipeline delivers one training step's input: (B, 3, crop, crop) float32 images normalised
 with the ImageNet statistics and the step's multi-block masks (ViT-H/14 settings), on the device.
@@ -36,7 +37,9 @@ benchmarks/results/bench_data.jsonl, with the 1-minute load average.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -92,6 +95,30 @@ def generated_images(count: int, quick: bool, folder: Path | None = None) -> Pat
     sizes = QUICK_SIZES if quick else SIZES
     folder = folder or Path(tempfile.gettempdir()) / f"fastjepa-bench-data-v{GENERATOR_VERSION}-{count}-{sizes[0][0]}"
     return generate_images(folder, count, sizes)
+
+
+def packed_in_shards(folder: Path, per_shard: int = 64) -> Path:
+    """The JPEGs of ``folder`` as webdataset tar shards of ``per_shard`` samples (``<key>.jpg``
+    and a ``<key>.cls`` label member), made once in ``<folder>-shards``."""
+    import tarfile
+
+    shards = folder.with_name(folder.name + "-shards")
+    if shards.is_dir():
+        return shards
+    partial = folder.with_name(folder.name + "-shards.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    files = list_images(folder).paths
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(partial / f"train-{s // per_shard:06d}.tar", "w") as tar:
+            for path in files[s : s + per_shard]:
+                key = Path(path).stem
+                tar.add(path, arcname=f"{key}.jpg")
+                label = tarfile.TarInfo(f"{key}.cls")
+                label.size = 1
+                tar.addfile(label, io.BytesIO(b"0"))
+    partial.rename(shards)
+    return shards
 
 
 # ---------------------------------------------------------------------------- reference-style
@@ -232,6 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (DataLoader workers, DALI threads)")
     parser.add_argument("--repeat", type=int, default=2, help="passes over the images per epoch")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs of each pipeline, taking turns (the median is reported)")
+    parser.add_argument("--shards", action="store_true",
+                        help="fastjepa's pipelines read the JPEGs packed in webdataset tar shards (64 per shard); reference-style reads the files")
     parser.add_argument("--pipelines", default="reference-style,pil,dali,dali-random-crop,torchvision",
                         help="comma-separated subset (the ones that cannot run here are skipped with a note)")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_data.jsonl", help="JSONL file the rows are appended to")
@@ -257,21 +286,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for n in workers:
         runners, extra = {}, {}
         for name in pipelines:
+            root = packed_in_shards(folder) if args.shards and name != "reference-style" else folder
             config = validate({"data": {"backend": name.removesuffix("-random-crop") if name != "reference-style" else "pil",
                                         "batch_size": args.batch_size, "crop_size": args.crop, "num_workers": n, "pin_mem": True,
-                                        "repeat": args.repeat, "root_path": str(folder), "image_folder": ""}})
+                                        "repeat": args.repeat, "root_path": str(root), "image_folder": ""}})
             label = f"{name}-{device.type}" if name.startswith("dali") or name == "torchvision" else name
             if name == "reference-style":
                 runners[label], extra["transforms"] = reference_style_epochs(config, folder, device, n)
             elif name == "dali-random-crop":
-                runners[label] = backend_epochs(config, folder, device, dali_random_crop_class())
+                runners[label] = backend_epochs(config, root, device, dali_random_crop_class())
             else:
-                runners[label] = backend_epochs(config, folder, device)
+                runners[label] = backend_epochs(config, root, device)
         load = os.getloadavg()[0]  # other processes on a shared machine slow every pipeline: recorded with the rows
         for label, (img_s, count) in measure(runners, args.epochs, device).items():
             rows.append({"bench": "bench_data", "pipeline": label, "device": device.type, "hardware": hardware(device), "workers": n,
                          "batch_size": args.batch_size, "crop": args.crop, "images": len(files), "timed_images": count,
                          "mean_kb": round(mean_kb, 1), "img_s": round(img_s, 1), "cpus": os.cpu_count(), "load_avg_1m": round(load, 2),
+                         "layout": "shards" if args.shards and label != "reference-style" else "files",
                          "quick": args.quick, **(extra if label == "reference-style" else {})})
             print(f"{label:<24} {n:>2} workers {img_s:>9.1f} img/s")
     for row in rows:

@@ -153,7 +153,7 @@ def step_value(value: Callable[[dict, dict | None], float], mode: str, baseline:
 def data_rate(pipeline: str, device: str, value: Callable[[dict], float]):
     def measure(rows):
         found = [r for r in rows if r.get("bench") == "bench_data" and r.get("pipeline") == pipeline and r.get("device") == device
-                 and not r.get("quick") and r.get("crop") == 224]
+                 and not r.get("quick") and r.get("crop") == 224 and r.get("layout", "files") == "files"]
         if not found:
             return None
         last_run = [r for r in found if r["date"] == found[-1]["date"]]

@@ -91,6 +91,11 @@ def test_targets_read_the_rows_benchmarks_write_and_judge_them():
     assert "fastjepa peak memory / the reference step's: <= 0.6x | 0.50x | pass |" in table
     rows.append({**step, "mode": "reference-src", "images_per_s": 50.0, "peak_memory_gib": 90.0})  # the real reference wins
     assert "vs the reference step: >= 3x | 5.00x | pass |" in "\n".join(report.targets_table(rows))
+    data = {"bench": "bench_data", "pipeline": "dali-cpu", "device": "cpu", "crop": 224, "quick": False, "hardware": "AMD EPYC"}
+    rows = [{**data, "workers": 1, "vs_reference": 1.4, "date": "2026-12-01 10:00 UTC"},
+            {**data, "workers": 2, "vs_reference": 1.31, "date": "2026-12-01 10:00 UTC"},
+            {**data, "workers": 2, "vs_reference": 1.1, "date": "2026-12-01 11:00 UTC", "layout": "shards"}]  # files only
+    assert "(the worse worker count): >= 1.3x | 1.31x | pass |" in "\n".join(report.targets_table(rows))
 
 
 def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
