@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -59,3 +60,26 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_as_ranks(world_size: int, fn) -> list:
+    """``fn(rank, gather)`` in world_size threads, ``gather`` an all_gather_object between
+    them (every rank's object, in rank order); the results in rank order."""
+    barrier, box, results = threading.Barrier(world_size), [None] * world_size, [None] * world_size
+
+    def rank(r):
+        def gather(obj):
+            box[r] = obj
+            barrier.wait()
+            parts = list(box)
+            barrier.wait()
+            return parts
+
+        results[r] = fn(r, gather)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results

@@ -3,7 +3,6 @@ batches of normalised images with their masks, sharding, determinism, mid-epoch 
 bad files; the backend choice and the masks drawn one step ahead."""
 
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import fastjepa.data.loader as loader_module
 from fastjepa.config import ConfigError, mask_sampler, validate
 from fastjepa.data.images import mix_seed
 from fastjepa.data.loader import MaskStream, backend_problem, make_loader, resolve_backend
+from conftest import run_as_ranks
 from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
 
 CPU = torch.device("cpu")
@@ -245,23 +245,7 @@ def test_ranks_share_the_header_check_and_read_each_file_once(tmp_path, monkeypa
     checked = []
     real = scan.check_file
     monkeypatch.setattr(scan, "check_file", lambda image, formats=None: checked.append(image.name) or real(image, formats))
-    barrier, box, results = threading.Barrier(2), [None, None], [None, None]
-
-    def rank(r):
-        def gather(obj):  # all_gather_object between two threads
-            box[r] = obj
-            barrier.wait()
-            parts = list(box)
-            barrier.wait()
-            return parts
-
-        results[r] = scan.scan_folder(str(tmp_path), None, r, 2, gather)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = run_as_ranks(2, lambda r, gather: scan.scan_folder(str(tmp_path), None, r, 2, gather))
     assert sorted(checked) == sorted(alone.images.paths + [str(tmp_path / "004.jpg")])  # each file once, in all
     for result in results:
         assert result.images.paths == alone.images.paths and result.headers == alone.headers

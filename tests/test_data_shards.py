@@ -6,6 +6,7 @@ import os
 import tarfile
 
 import pytest
+from conftest import run_as_ranks
 from fastjepa.cli import main
 from fastjepa.data.images import ImageRef, list_images, load_rgb, open_image, read_image_bytes
 from fastjepa.data.loader import make_loader
@@ -148,8 +149,6 @@ def test_dry_run_counts_shards_without_opening_them(tmp_path, capsys):
 
 
 def test_ranks_share_the_shard_indexes_each_shard_read_once(tmp_path, monkeypatch):
-    import threading
-
     import fastjepa.data.images as images
 
     shard_the_images(write_colour_images(tmp_path / "src", 7), tmp_path / "data", per_shard=2)  # 4 shards
@@ -157,23 +156,7 @@ def test_ranks_share_the_shard_indexes_each_shard_read_once(tmp_path, monkeypatc
     indexed = []
     real = images.index_shard
     monkeypatch.setattr(images, "index_shard", lambda path, is_image: indexed.append(path) or real(path, is_image))
-    barrier, box, results = threading.Barrier(2), [None, None], [None, None]
-
-    def rank(r):
-        def gather(obj):  # all_gather_object between two threads
-            box[r] = obj
-            barrier.wait()
-            parts = list(box)
-            barrier.wait()
-            return parts
-
-        results[r] = list_images(tmp_path / "data", r, 2, gather)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = run_as_ranks(2, lambda r, gather: list_images(tmp_path / "data", r, 2, gather))
     assert sorted(indexed) == sorted(alone.shards)  # each shard once, in all
     for result in results:
         assert result.paths == alone.paths and result.labels == alone.labels and result.shards == alone.shards
