@@ -55,6 +55,13 @@ from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)
 
+FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})  # PIL format names DALI decodes
+# nvJPEG's buffers, one per DALI thread (host: two), allocated at their full size up front so
+# that they do not grow and reallocate as larger images come: room for a 21-megapixel RGB image,
+# larger than nearly every ImageNet photo
+DEVICE_MEMORY_PADDING = 64 << 20
+HOST_MEMORY_PADDING = 64 << 20
+
 
 class Plan(NamedTuple):
     """The batches a pipeline reads: batch first_itr of ``epoch`` and the ones after it."""
@@ -63,13 +70,6 @@ class Plan(NamedTuple):
     first_itr: int
     read: np.ndarray  # (n, batch_size) the images read (a known bad one replaced by a good one of its batch)
     bad: np.ndarray  # (n, batch_size) bool: rows left out of the output
-
-FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})  # PIL format names DALI decodes
-# nvJPEG's buffers, one per DALI thread (host: two), allocated at their full size up front so
-# that they do not grow and reallocate as larger images come: room for a 21-megapixel RGB image,
-# larger than nearly every ImageNet photo
-DEVICE_MEMORY_PADDING = 64 << 20
-HOST_MEMORY_PADDING = 64 << 20
 
 
 class DaliLoader(ImageLoader):

@@ -10,15 +10,17 @@ Backends (each in its own module):
 * ``pil`` (``fastjepa/data/pil.py``): PIL decoding and the reference's augmentations in
   DataLoader workers, every draw seeded per sample; the default on a machine without GPU.
 * ``dali`` (``fastjepa/data/dali.py``): NVIDIA DALI, decoding (nvJPEG on a GPU, libjpeg-turbo
-  on the CPU), crop, resize, flip and normalisation in one DALI graph.
+  on the CPU), crop, resize and flip in one DALI graph kept across epochs.
 * ``torchvision`` (``fastjepa/data/torchvision_gpu.py``): file reads in DataLoader workers,
   batched ``torchvision.io.decode_jpeg`` on the GPU, crop, resize and flip on the GPU.
 
 ``auto`` takes dali on a GPU when DALI imports, else torchvision on a GPU when it imports,
-else pil. The dali and torchvision backends do the crop, resize and flip; the colour and
-blur switches (off in every reference config) need pil.
+else pil. The dali and torchvision backends hand uint8 crops to ``finish_on_device``: the
+colour distortion and blur of the config (``fastjepa.data.color``, the whole batch at once)
+and the normalisation, on the device.
 
-What every backend shares: the image order (``SeededSampler``: a seeded permutation per
+What every backend shares: the images (files and webdataset tar shards, ``list_images``),
+the image order (``SeededSampler``: a seeded permutation per
 epoch, sharded by rank with equal counts, so every rank runs ``steps_per_epoch`` steps), the
 skip of the first ``start_itr`` batches of an epoch without reading them (exact mid-epoch
 resume), the masks: step s of rank r draws them from a generator seeded with

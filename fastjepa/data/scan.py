@@ -2,9 +2,9 @@
 header (which also gives the image sizes their crop windows need) and the end of each file,
 no decode.
 
-``check_file(image)`` opens the file (or the tar shard member, ``ImageRef``) with PIL, which
-reads the header only (format, mode, size), and reads its last KiB: a JPEG must end with the EOI marker, a PNG with its
-IEND chunk. That catches what stops a DALI pipeline most often: files that are not images
+``check_file(image)`` opens the file (or the tar shard member, ``ImageRef``) with PIL,
+which reads the header only (format, mode, size), and reads its last KiB: a JPEG must end
+with the EOI marker, a PNG with its IEND chunk. That catches what stops a DALI pipeline most often: files that are not images
 (text, empty, unknown format), formats the decoder cannot read, and truncated JPEG and PNG
 files (DALI fails on a truncated JPEG with "Input file read error").
 
