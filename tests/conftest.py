@@ -65,7 +65,7 @@ def load_benchmark(name: str):
 def run_as_ranks(world_size: int, fn) -> list:
     """``fn(rank, gather)`` in world_size threads, ``gather`` an all_gather_object between
     them (every rank's object, in rank order); the results in rank order."""
-    barrier, box, results = threading.Barrier(world_size), [None] * world_size, [None] * world_size
+    barrier, box, results = threading.Barrier(world_size, timeout=60), [None] * world_size, [None] * world_size
 
     def rank(r):
         def gather(obj):
@@ -77,7 +77,7 @@ def run_as_ranks(world_size: int, fn) -> list:
 
         results[r] = fn(r, gather)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world_size)]  # a stuck rank cannot hold the exit
     for t in threads:
         t.start()
     for t in threads:
