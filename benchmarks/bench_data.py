@@ -202,7 +202,8 @@ def dali_random_crop_class():
 
             @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2, seed=0)
             def graph():
-                encoded = fn.external_source(source=lambda info: self._source(info)[:1], num_outputs=1, batch=True, batch_info=True)[0]
+                source = self.weak_source()
+                encoded = fn.external_source(source=lambda info: source(info)[:1], num_outputs=1, batch=True, batch_info=True)[0]
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, adjust_orientation=False,
                                                        random_area=list(self.crop_scale), random_aspect_ratio=[3 / 4, 4 / 3], **decoder)
                 images = fn.resize(images, resize_x=self.crop_size, resize_y=self.crop_size, interp_type=types.INTERP_LINEAR, antialias=True)

@@ -225,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"fastjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError, NotADirectoryError, FloatingPointError, ValueError, ImportError) as e:
-        print(f"fastjepa {args.command}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a full disk, a folder without write permission: what was saved before is kept
+    except (CheckpointError, OSError, FloatingPointError, ValueError, ImportError) as e:  # OSError: also a full disk, no write permission
         print(f"fastjepa {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -161,3 +161,17 @@ def test_ranks_share_the_shard_indexes_each_shard_read_once(tmp_path, monkeypatc
     for result in results:
         assert result.paths == alone.paths and result.labels == alone.labels and result.shards == alone.shards
         assert (result.offsets == alone.offsets).all() and (result.sizes == alone.sizes).all()
+
+
+def test_a_broken_shard_indexed_by_one_rank_raises_on_every_rank(tmp_path):
+    shard_the_images(write_colour_images(tmp_path / "src", 4), tmp_path / "data", per_shard=2)  # 2 shards
+    (tmp_path / "data" / "train-000001.tar").write_bytes(b"not a tar" * 100)  # indexed by rank 1 only
+
+    def rank(r, gather):
+        try:
+            list_images(tmp_path / "data", r, 2, gather)
+        except ValueError as error:
+            return str(error)
+
+    errors = run_as_ranks(2, rank)  # rank 0 would wait for rank 1 forever if rank 1 raised before the exchange
+    assert all(e is not None and "train-000001.tar is not a readable tar shard" in e for e in errors), errors

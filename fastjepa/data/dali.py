@@ -163,6 +163,13 @@ class DaliLoader(ImageLoader):
         return (encoded, np.stack([left, top], axis=1).astype(np.int32), np.stack([w, h], axis=1).astype(np.int32),
                 mirror.astype(np.int32))
 
+    def weak_source(self):
+        """``_source`` for a pipeline, without a reference to the loader: a cycle through the
+        pipeline would leave it and its threads to the cyclic collector, which may run in a
+        process forked later and hang there."""
+        loader = weakref.ref(self)
+        return lambda info: loader()._source(info)
+
     def _read(self, i: int) -> np.ndarray:
         return np.frombuffer(read_image_bytes(self.images.ref(int(i))), dtype=np.uint8)
 
@@ -174,12 +181,7 @@ class DaliLoader(ImageLoader):
         size = self.crop_size
         decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
 
-        # The pipeline must not hold the loader: a cycle would leave the pipeline and its threads
-        # to the cyclic collector, which may run in a process forked later and hang there.
-        loader = weakref.ref(self)
-
-        def source(info):
-            return loader()._source(info)
+        source = self.weak_source()
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
         def graph():

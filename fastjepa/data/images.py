@@ -109,6 +109,30 @@ def _walk_files(top: str) -> list[str]:
     return sorted(found)
 
 
+def map_over_ranks(fn, items: list, rank: int = 0, world_size: int = 1, gather=None) -> list:
+    """``[fn(item) for item in items]``, the work shared by the ranks when ``gather`` (an
+    all-gather of Python objects over the ranks, in rank order) is given: rank r computes
+    items r, r + world_size, ... and the ranks exchange the results. An exception on any
+    rank is raised on every rank, after the exchange (a rank that raised before it would
+    leave the others waiting in the collective)."""
+    if gather is None:
+        return [fn(item) for item in items]
+    mine = []
+    for item in items[rank::world_size]:
+        try:
+            mine.append((True, fn(item)))
+        except Exception as error:
+            mine.append((False, error))
+            break
+    results = [None] * len(items)
+    for r, part in enumerate(gather(mine)):
+        for k, (ok, value) in enumerate(part):
+            if not ok:
+                raise value
+            results[r + k * world_size] = value
+    return results
+
+
 def is_shard(path: str) -> bool:
     return path.lower().endswith(".tar")
 
@@ -125,17 +149,13 @@ def list_images(root: str, rank: int = 0, world_size: int = 1, gather=None) -> I
     of the folder holding it (``fastjepa.data.shards``), in the shard's order.
     Files without an image extension are not loaded; they are listed in ``skipped``.
 
-    With ``gather`` (an all-gather of Python objects over the ranks, in rank order), rank r
-    indexes shards r, r + world_size, ... and the ranks share the indexes.
+    With ``gather`` the ranks share the indexing of the shards (``map_over_ranks``).
     """
     root = require_folder(root)
     files = _walk_files(root)
     shard_files = [rel for rel in files if is_shard(rel)]
-    if gather is None:
-        rank, world_size = 0, 1
-    indexes = {rel: index_shard(os.path.join(root, rel), is_image_file) for rel in shard_files[rank::world_size]}
-    if gather is not None:
-        indexes = {rel: members for part in gather(indexes) for rel, members in part.items()}
+    indexes = dict(zip(shard_files, map_over_ranks(lambda rel: index_shard(os.path.join(root, rel), is_image_file), shard_files,
+                                                   rank, world_size, gather)))
     per_class: dict[str, list[tuple[str, int, int, int]]] = {}  # class -> (name, shard, offset, size)
     skipped: list[str] = []
     shards: list[str] = []

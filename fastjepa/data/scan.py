@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fastjepa.data.images import ImageList, ImageRef, list_images, open_image
+from fastjepa.data.images import ImageList, ImageRef, list_images, map_over_ranks, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -92,22 +92,18 @@ class ScanResult:
 
 def scan_images(images: ImageList, formats: frozenset[str] | None = None, rank: int = 0, world_size: int = 1,
                 gather=None) -> ScanResult:
-    """``check_file`` over images. One thread: PIL's header parsing holds Python's lock, and
-    threads made it slower here (local disk). With ``gather`` (an all-gather of Python
-    objects over the ranks, in rank order), rank r checks images r, r + world_size, ... and
-    the ranks share what they found: each file is read once in all, not once per rank."""
-    if gather is None:
-        rank, world_size = 0, 1
-    checked = {}
-    for i in range(rank, len(images), world_size):
+    """``check_file`` over images, shared by the ranks with ``gather`` (``map_over_ranks``:
+    each file is read once in all, not once per rank). One thread per rank: PIL's header
+    parsing holds Python's lock, and threads made it slower here (local disk)."""
+    def check(i: int) -> ImageHeader | str:
         try:
-            checked[i] = check_file(images.ref(i), formats)
+            return check_file(images.ref(i), formats)
         except BadImage as e:
-            checked[i] = str(e)
-    if gather is not None:
-        checked = {i: found for part in gather(checked) for i, found in part.items()}
-    passed = [i for i in range(len(images)) if isinstance(checked[i], ImageHeader)]
-    rejected = [(images.paths[i], checked[i]) for i in range(len(images)) if isinstance(checked[i], str)]
+            return str(e)
+
+    checked = map_over_ranks(check, range(len(images)), rank, world_size, gather)
+    passed = [i for i, found in enumerate(checked) if isinstance(found, ImageHeader)]
+    rejected = [(images.paths[i], found) for i, found in enumerate(checked) if isinstance(found, str)]
     return ScanResult(images.take(passed), [checked[i] for i in passed], rejected)
 
 
