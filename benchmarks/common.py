@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -79,3 +80,12 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     times = device_times_ms(lambda: dst.copy_(src), device, iters=20, warmup=3)
     return 2 * nbytes / times["median_ms"] / 1e6
+
+
+def rewrite_block(readme: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the marker lines ``begin`` and ``end`` of ``readme`` with ``body``."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: no block between {begin!r} and {end!r} to rewrite")
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n\n{body.strip()}\n\n{end}", text, count=1))

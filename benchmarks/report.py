@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from common import rewrite_block
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README_BEGIN, README_END = "<!-- targets:begin (benchmarks/report.py --readme) -->", "<!-- targets:end -->"
@@ -227,17 +228,8 @@ def targets_table(rows) -> list[str]:
 
 
 def readme_block(rows) -> str:
-    """The README's targets section: the table, or a line saying that no row exists yet."""
-    lines = [README_BEGIN, "", *targets_table(rows), "", README_END]
-    return "\n".join(lines)
-
-
-def rewrite_readme(readme: Path, rows: list[dict]) -> None:
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no block between {README_BEGIN!r} and {README_END!r} to rewrite")
-    readme.write_text(pattern.sub(lambda _: readme_block(rows), text, count=1))
+    """The README's targets table."""
+    return "\n".join(targets_table(rows))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -247,7 +239,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.readme is not None:
         rows = read_rows(args.files or sorted(RESULTS.glob("*.jsonl")))
-        rewrite_readme(args.readme, rows)
+        rewrite_block(args.readme, README_BEGIN, README_END, readme_block(rows))
         return readme_block(rows)
     if not args.files:
         parser.error("give result files (or --readme README.md)")
