@@ -29,18 +29,47 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tile_configs():
-    """Tile sizes tried by the autotuner on a GPU; one fixed config in the interpreter, which
-    cannot autotune (it has no GPU to time on)."""
+def _tile_configs(tiles_by_arch: dict) -> list:
+    """The autotuner's configs: every (BLOCK_M, BLOCK_N, num_warps, num_stages) tile of any target;
+    one fixed config in the interpreter, which cannot autotune (it has no GPU to time on)."""
     if triton.knobs.runtime.interpret:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
-    ]
+    tiles = dict.fromkeys(tile for tiles in tiles_by_arch.values() for tile in tiles)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-_autotune = triton.autotune(configs=_tile_configs(), key=["HEAD_DIM", "H"])
+def _tiles_of_target(tiles_by_arch: dict):
+    """The autotuner's pruning: only the tiles of the GPU it runs on (sm_80 to sm_89 take the
+    sm_80 tiles; sm_90 and newer the sm_90 tiles, checked for sm_90 only)."""
+
+    def prune(configs, named_args, **kwargs):
+        arch = triton.runtime.driver.active.get_current_target().arch
+        tiles = tiles_by_arch[90 if arch >= 90 else 80]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles]
+
+    return prune
+
+
+def _autotune(tiles_by_arch: dict):
+    return triton.autotune(configs=_tile_configs(tiles_by_arch), key=["HEAD_DIM", "H"],
+                           prune_configs_by={"early_config_prune": _tiles_of_target(tiles_by_arch)})
+
+
+# Each kernel's tiles per target: only tiles that compile at every head dim up to 128, varlen and
+# shared, without spilling registers and with every tl.dot on tensor cores (on sm_90 wgmma, which
+# needs 64 rows per warpgroup). benchmarks/compile_report.py reads this from the real compiler;
+# tests/test_kernel_compile.py keeps it so. The dK/dV kernel holds two fp32 (BLOCK_N, BLOCK_D)
+# accumulators plus K and V: it needs 8 warps to stay in registers. On sm_80, whose mma.sync keeps
+# its operands in registers too, the tiles are smaller.
+FWD_TILES = {90: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
+             80: [(64, 64, 8, 3), (64, 64, 8, 2), (32, 32, 4, 3)]}
+DKDV_TILES = {90: [(64, 64, 8, 2), (64, 64, 8, 3)],
+              80: [(32, 64, 8, 2), (32, 64, 8, 3), (64, 32, 8, 3)]}
+DQ_TILES = {90: [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
+            80: [(64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2)]}
+# T, B and M change with the masks every step: not specializing on them (divisibility by 16)
+# keeps one compiled variant per config, which a cache warmed ahead of a GPU run then holds.
+_VARYING = ["T", "B", "M"]
 
 
 @triton.jit
@@ -114,8 +143,8 @@ def _fwd_range(acc, m_i, l_i, q, K, V, kv_start, kv_end, h, stride_kt, stride_kh
     return acc, m_i, l_i
 
 
-@_autotune
-@triton.jit
+@_autotune(FWD_TILES)
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd(
     Q, K, V, O, LSE, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
@@ -145,8 +174,8 @@ def _attn_fwd(
         tl.store(LSE + h * T + offs_m, lse, mask=m_ok)
 
 
-@_autotune
-@triton.jit
+@_autotune(DKDV_TILES)
+@triton.jit(do_not_specialize=_VARYING)
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
@@ -185,7 +214,7 @@ def _bwd_dkdv(
         tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """DELTA (H, T) fp32 = rowsum(dO * O), read once in the inputs' dtype."""
@@ -214,8 +243,8 @@ def _dq_range(dq, q, do, lse2, delta, K, V, kv_start, kv_end, h, stride_kt, stri
     return dq
 
 
-@_autotune
-@triton.jit
+@_autotune(DQ_TILES)
+@triton.jit(do_not_specialize=_VARYING)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, index, B, M, T, H,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,

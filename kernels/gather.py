@@ -24,7 +24,8 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(max(D, 1)), 256)
 
 
-@triton.jit
+# T, K and B change with the masks every step: not specializing on them keeps one compiled variant
+@triton.jit(do_not_specialize=["T", "K", "B"])
 def _gather_add_fwd(
     out_ptr, src_ptr, pos_ptr, idx_ptr, token_row_ptr,
     T, K, B, D,
@@ -55,7 +56,7 @@ def _gather_add_fwd(
     tl.store(out_ptr + out_off, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def _gather_bwd(
     grad_src_ptr, grad_out_ptr, inv_ptr,
     ROWS, D,
