@@ -444,24 +444,25 @@ def markdown(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """Per kernel and target: configs compiled, clean, and clean among those the autotuner can pick."""
+    """Per kernel and target: configs compiled, and per dtype how many of the configs the
+    autotuner can pick are clean; the worst spill and the lowest occupancy among those."""
     meta = rows[0] if rows else {}
     lines = [f"Compiled on {meta.get('date', '?')} with Triton {meta.get('triton')} (ptxas {meta.get('ptxas')}) and nvcc {meta.get('nvcc')}, "
              f"no GPU: `{meta.get('command')}`; every row in `benchmarks/results/compile_report.jsonl`.", "",
-             "| kernel | target | compiled | clean | pickable by the autotuner | pickable and clean | worst spill (B) | min occupancy (pickable) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel | target | compiled | pickable by the autotuner and clean: bf16 · fp16 · fp32 (csrc: all instances) "
+             "| worst spill of a pickable config (B) | lowest occupancy of a pickable config |",
+             "|---|---|---|---|---|---|"]
     groups: dict[tuple, list] = {}
     for r in rows:  # a CUDA kernel's template instances count as one kernel
         kernel = re.search(r"(\w+)[<(]", r["kernel"].replace("(anonymous namespace)", "")).group(1) if r["op"] == "csrc" else r["kernel"]
         groups.setdefault((r["op"] == "csrc", kernel, r["target"]), []).append(r)
-    for (_, kernel, target), group in sorted(groups.items()):
-        ok = [r for r in group if not problems(r)]
+    for (is_csrc, kernel, target), group in sorted(groups.items()):
         pick = [r for r in group if r.get("pickable")]
-        pick_ok = [r for r in pick if not problems(r)]
-        worst = max((r.get("stack") or 0 for r in group), default=0)
+        dtypes = [""] if is_csrc else [d for d in DTYPES if any(r["dtype"] == d for r in pick)]
+        clean = " · ".join(f"{sum(not problems(r) for r in pick if r['dtype'] == d)}/{sum(r['dtype'] == d for r in pick)}" for d in dtypes)
+        worst = max((r.get("stack") or 0 for r in pick), default=0)
         occ = [r["occupancy"] for r in pick if r.get("occupancy") is not None]
-        lines.append(f"| {kernel} | {target} | {len(group)} | {len(ok)} | {len(pick)} | {len(pick_ok)} | {worst} | "
-                     f"{f'{min(occ):.0%}' if occ else ''} |")
+        lines.append(f"| {kernel} | {target} | {len(group)} | {clean} | {worst} | {f'{min(occ):.0%}' if occ else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -503,6 +504,7 @@ def check_cache(cache_dir: Path) -> int:
 def _init_worker(cache_dir):
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_STORE_BINARY_ONLY"] = "1"  # the cubin and its metadata only: a warm cache small enough to carry (not part of the key)
     sys.path.insert(0, str(ROOT))
 
 
