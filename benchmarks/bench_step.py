@@ -15,8 +15,9 @@ batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. M
                    block, GradScaler with bf16, AdamW (foreach, not fused), a per-parameter EMA
                    loop, masks copied from pageable memory, and the reference's host syncs
                    (``float(loss)`` and ``torch.cuda.synchronize()`` every step);
-  fastjepa         the same semantics with every fast path (fused gather, fused EMA with the
-                   bf16 target shadow, SDPA, no per-step sync);
+  fastjepa         the trainer's own step, ``fastjepa.step.train_step``, with every fast path
+                   (fused gather, fused EMA with the bf16 target shadow, SDPA) and its one host
+                   sync per step (the NaN/inf guard, which also reads the loss);
   ragged           fastjepa with ``mask.ragged`` (every sampled context token, varlen attention);
   shared-context   fastjepa with ``meta.shared_context_predictor``;
   reference-src    with ``--reference-src DIR``: the real reference models, ``apply_masks`` and
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import statistics
 import sys
 import time
@@ -62,7 +64,7 @@ from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.masks.utils import PackedMasks  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
-from fastjepa.train import nonfinite_flag, target_tokens, update_target  # noqa: E402
+from fastjepa.step import ContextPredictor, train_step  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
 # name -> (model, patch, crop, batch): the published configs' per-GPU batch for ViT-H
@@ -192,81 +194,77 @@ class Step:
         self.sampler = MultiBlockMaskSampler(input_size=crop, patch_size=patch, **{**MASKS, "min_keep": min_keep})
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.images = [torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8).to(device) for _ in range(2)]
-        self.encode, self.predict, self.target_forward = self.encoder, self.predictor, (self.shadow.module if self.shadow else self.target)
         self.cuda_graphs = compile_mode == "reduce-overhead" and not self.reference
-        if compile_mode and not self.reference:
-            self.encode, self.predict, self.target_forward = (torch.compile(m, mode=compile_mode)
-                                                              for m in (self.encode, self.predict, self.target_forward))
+        if compile_mode and not self.reference:  # in place: the step keeps calling the same modules
+            for module in (self.encoder, self.predictor, self.shadow.module if self.shadow else self.target):
+                module.compile(mode=compile_mode)
+        self.model = ContextPredictor(self.encoder, self.predictor, shared_context=mode == "shared-context")
+        self.momentum = itertools.repeat(0.996)
         self.step_index, self.context_tokens = 0, []
 
     def run(self, phase: PhaseTimer) -> torch.Tensor:
-        ragged, shared = self.mode == "ragged", self.mode == "shared-context"
+        """One step: fastjepa's modes run ``fastjepa.step.train_step``, the trainer's step, with
+        ``phase`` as its phase hook; the reference modes their own re-created step."""
         if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        if self.data is not None:  # images and masks (drawn one step ahead) from the loader
-            with phase("data wait"):
-                imgs, masks_enc, masks_pred = self.data.next()
-        else:
-            imgs = normalize(self.images[self.step_index % 2])
-            with phase("masks"):
-                g = torch.Generator().manual_seed(self.step_index)
-                if self.reference:  # host masks, copied from pageable memory
-                    masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g)
-                    masks_enc, masks_pred = ([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
-                else:
-                    masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g, device=self.device, ragged=ragged)
+        imgs, masks_enc, masks_pred = self.batch_and_masks(phase)
         first = masks_enc[0]
         self.context_tokens.append(sum(first.lengths) / first.rows if isinstance(first, PackedMasks) else first.shape[1])
+        if self.reference:
+            loss = self.reference_step(phase, imgs, masks_enc, masks_pred)
+        else:
+            self.model.phase = phase
+            result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
+                                imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase)
+            if result.nonfinite:
+                raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {self.step_index}")
+            loss = result.loss
+        self.step_index += 1
+        return loss
+
+    def batch_and_masks(self, phase: PhaseTimer):
+        if self.data is not None:  # images and masks (drawn one step ahead) from the loader
+            with phase("data wait"):
+                return self.data.next()
+        imgs = normalize(self.images[self.step_index % 2])
+        with phase("masks"):
+            g = torch.Generator().manual_seed(self.step_index)
+            if self.reference:  # host masks, copied from pageable memory
+                masks_enc, masks_pred = self.sampler.sample(self.batch, generator=g)
+                return imgs, *([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
+            return imgs, *self.sampler.sample(self.batch, generator=g, device=self.device, ragged=self.mode == "ragged")
+
+    def reference_step(self, phase: PhaseTimer, imgs, masks_enc, masks_pred) -> torch.Tensor:
+        """The reference's step as it runs there (or, with ``self.source``, its own models and helpers)."""
         self.lr_schedule.step(), self.wd_schedule.step()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             with phase("target forward"), torch.no_grad():
                 if self.source:
                     h = F.layer_norm(self.target(imgs), (self.target.embed_dim,))
                     h = self.source["repeat_interleave_batch"](self.source["apply_masks"](h, masks_pred), self.batch, len(masks_enc))
-                elif self.reference:
+                else:
                     h = F.layer_norm(reference_encoder(self.target, imgs), (self.target.embed_dim,))
                     h = repeat_interleave_batch(_reference_apply_masks(h, masks_pred), self.batch, len(masks_enc))
-                else:
-                    h = target_tokens(self.target_forward, imgs, len(masks_enc), masks_pred)
             with phase("context forward"):
-                if self.source:
-                    z = self.encoder(imgs, masks_enc)
-                else:
-                    z = reference_encoder(self.encoder, imgs, masks_enc) if self.reference else self.encode(imgs, masks_enc)
+                z = self.encoder(imgs, masks_enc) if self.source else reference_encoder(self.encoder, imgs, masks_enc)
             with phase("predictor"):
-                if self.source:
-                    z = self.predictor(z, masks_enc, masks_pred)
-                elif self.reference:
-                    z = reference_predictor(self.predictor, z, masks_enc, masks_pred)
-                else:
-                    z = self.predict(z, masks_enc, masks_pred, **({"shared_context": True} if shared else {}))
+                z = self.predictor(z, masks_enc, masks_pred) if self.source else reference_predictor(self.predictor, z, masks_enc, masks_pred)
             with phase("loss"):
                 loss = F.smooth_l1_loss(z.float(), h.float())
         with phase("backward"):
-            (self.scaler.scale(loss) if self.reference else loss).backward()
+            self.scaler.scale(loss).backward()
         with phase("optimizer"):
-            if self.reference:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:  # the trainer's NaN/inf guard first (one pass over the gradients, one host sync), as GradScaler's check above
-                grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-                if nonfinite_flag(loss.detach(), grads).item():
-                    raise FloatingPointError(f"{self.mode}: non-finite loss or gradients at step {self.step_index}")
-                self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         with phase("ema"):
-            m = 0.996
-            if self.reference:
-                with torch.no_grad():
-                    for t, o in zip(self.targets, self.onlines):
-                        t.mul_(m).add_((1.0 - m) * o.detach())
-            else:
-                update_target(self.target, self.encoder, m, self.shadow)
-        if self.reference:  # the reference's per-step host syncs
-            loss.item()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-        self.step_index += 1
+            m = next(self.momentum)
+            with torch.no_grad():
+                for t, o in zip(self.targets, self.onlines):
+                    t.mul_(m).add_((1.0 - m) * o.detach())
+        loss.item()  # the reference's per-step host syncs
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return loss.detach()
 
 

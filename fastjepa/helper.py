@@ -2,7 +2,7 @@
 
 Differences from the reference, on purpose:
 * no GradScaler: ``init_opt`` returns ``scaler=None`` (bf16 needs no loss scaling; the
-  trainer's non-finite guard, ``fastjepa.train.nonfinite_flag``, catches what the scaler's
+  trainer's non-finite guard, ``fastjepa.step.nonfinite_flag``, catches what the scaler's
   inf check would);
 * AdamW is fused on a GPU (``fused=True``: the same update in one kernel);
 * a checkpoint that cannot be loaded raises ``CheckpointError`` instead of being

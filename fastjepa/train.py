@@ -1,5 +1,5 @@
-"""I-JEPA training: the step (shared with the benchmarks) and the trainer, ``main(config)`` as in
-the reference and ``fit(**keys)`` in one call."""
+"""The I-JEPA trainer: ``main(config)`` as in the reference and ``fit(**keys)`` in one call. The
+step it runs is ``fastjepa.step.train_step`` (importable from here too, as before)."""
 
 from __future__ import annotations
 
@@ -11,154 +11,21 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 import yaml
 from tqdm import tqdm
 
 from fastjepa.config import ConfigError, find_key, tiny_preset, validate
 from fastjepa.data.loader import make_loader
-from fastjepa.distributed import (all_gather_object, any_rank, any_rank_tensor, broadcast_object, full_state, local, rank, setup,
-                                  teardown, unwrap, world_size, wrap)
+from fastjepa.distributed import all_gather_object, any_rank, broadcast_object, full_state, rank, setup, teardown, world_size, wrap
 from fastjepa.helper import CheckpointError, init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
-from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
+from fastjepa.masks.utils import PackedMasks
 from fastjepa.models.shadow import Bf16Shadow
-from fastjepa.ops import ema_update_, gather_tokens
 from fastjepa.profiling import StepProfiler
+from fastjepa.step import ContextPredictor, train_step
 from fastjepa.utils.schedulers import momentum_schedule
-from fastjepa.utils.tensors import repeat_interleave_batch
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # 0-d, detached, still on the device: reading it is the caller's sync
-    lr: float
-    wd: float
-    momentum: float
-    loss_value: float | None = None  # the loss on the host, read in the finite check's sync (None without the check)
-    nonfinite: str | None = None  # what was not finite when the step was left out (no update, no EMA)
-
-
-class ContextPredictor(nn.Module):
-    """The trained pair: the context encoder and the predictor in one module, so that DDP
-    has one reducer (and FSDP2 one root) for both. ``shared_context``: the predictor runs
-    its shared-context layout (``meta.shared_context_predictor``)."""
-
-    def __init__(self, encoder: nn.Module, predictor: nn.Module, shared_context: bool = False):
-        super().__init__()
-        self.encoder, self.predictor, self.shared_context = encoder, predictor, shared_context
-
-    def forward(self, imgs, masks_enc, masks_pred):
-        extra = {"shared_context": True} if self.shared_context else {}  # a reference predictor takes no such keyword
-        return self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred, **extra)
-
-
-@torch.no_grad()
-def target_tokens(target_encoder, imgs, num_context_masks: int, masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The targets: the target encoder's output after a LayerNorm without affine (eps 1e-5),
-    gathered at every target block and repeated once per context mask (mask-major)."""
-    h = target_encoder(imgs)
-    h = F.layer_norm(h, (h.size(-1),))
-    B = len(imgs)
-    target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=num_context_masks)
-    return gather_tokens(h, target_index.to(h.device))
-
-
-@torch.no_grad()
-def update_target(target_encoder, encoder, momentum: float, target_shadow: Bf16Shadow | None = None) -> None:
-    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is
-    one). Under FSDP2 each rank updates its own shards."""
-    if target_shadow is not None:
-        target_shadow.update_(momentum)
-    else:
-        ema_update_([local(p) for p in target_encoder.parameters()], [local(p) for p in encoder.parameters()], momentum)
-
-
-def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Smooth-L1 (beta 1, mean) between the predictor's output (``model``: a
-    ContextPredictor, maybe under DDP or FSDP2) and the target encoder's output after a
-    LayerNorm without affine (eps 1e-5), at the target blocks.
-
-    ``masks_enc`` may be ``PackedMasks`` (``mask.ragged``: every context token kept, the
-    encoder and predictor run on packed tokens). The target masks and the loss are the
-    same in every mode."""
-    masks_enc = _as_list(masks_enc)
-    h = target_tokens(target_encoder, imgs, len(masks_enc), masks_pred)
-    z = model(imgs, masks_enc, masks_pred)
-    dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
-    return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
-
-
-def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool on the device, true when the loss or any gradient holds NaN or inf on any
-    rank. The 1-norms carry every NaN and inf through their sums on every device (an
-    infinity norm's max need not) and stay finite for any sane gradient."""
-    grads = [g for g in grads if g.numel()]  # an FSDP2 shard can be empty
-    bad = ~torch.isfinite(loss)
-    if grads:
-        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()
-    return any_rank_tensor(bad)
-
-
-def describe_nonfinite(loss: torch.Tensor, model) -> str:
-    """What went non-finite, in words (the slow path, after ``nonfinite_flag``)."""
-    parts = [] if torch.isfinite(loss) else [f"loss is {loss.item()}"]
-    bad = [name for name, p in unwrap(model).named_parameters() if p.grad is not None and not torch.isfinite(local(p.grad)).all()]
-    if bad:
-        parts.append(f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-    return "; ".join(parts) or "non-finite loss or gradients on another rank"
-
-
-def train_step(
-    model,
-    target_encoder,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler,
-    wd_scheduler,
-    momentum_scheduler: Iterator[float],
-    imgs: torch.Tensor,
-    masks_enc: Sequence[torch.Tensor],
-    masks_pred: Sequence[torch.Tensor],
-    use_bfloat16: bool = False,
-    target_shadow: Bf16Shadow | None = None,
-    check_finite: bool = True,
-) -> StepResult:
-    """One I-JEPA iteration in the reference's order: schedules, forward under bf16
-    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
-    ContextPredictor, maybe under DDP or FSDP2. With a ``target_shadow`` (bf16 autocast
-    only) the target forward runs on the shadow, and the EMA refreshes it: the same
-    values, without autocast's per-forward weight casts. ``check_finite``: a loss or
-    gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
-    target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
-    the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
-    waits for the optimizer and the EMA."""
-    if target_shadow is not None and not use_bfloat16:
-        raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
-    lr = lr_scheduler.step()
-    wd = wd_scheduler.step()
-    with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
-        target_forward = target_shadow.module if target_shadow is not None else target_encoder
-        loss = jepa_loss(model, target_forward, imgs, masks_enc, masks_pred)
-    loss.backward()
-    momentum = next(momentum_scheduler)
-    loss, loss_value = loss.detach(), None
-    if check_finite:
-        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-        bad, loss_value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
-        if bad:
-            what = describe_nonfinite(loss, model)
-            optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss, lr, wd, momentum, loss_value, what)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
-    return StepResult(loss, lr, wd, momentum, loss_value)
-
-
-# ---------------------------------------------------------------------------- the trainer
 
 CHECKPOINT_FREQ = 50  # epochs between numbered checkpoint copies, as in the reference
 CSV_COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from fastjepa.config import mask_sampler, validate
 from fastjepa.distributed import full_state, rank, setup, world_size, wrap
 from fastjepa.helper import init_model, init_opt
-from fastjepa.train import ContextPredictor, train_step
+from fastjepa.step import ContextPredictor, train_step
 from fastjepa.utils.schedulers import momentum_schedule
 
 CROP, PATCH = 48, 8

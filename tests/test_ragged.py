@@ -14,7 +14,8 @@ from fastjepa.masks.utils import concat_packed
 from fastjepa.models import vision_transformer as vit
 from fastjepa.ops import use_backend
 from fastjepa.plot import read_log
-from fastjepa.train import ContextPredictor, fit, jepa_loss
+from fastjepa.step import ContextPredictor, jepa_loss
+from fastjepa.train import fit
 
 GRID, DIM, PRED_DIM, HEADS = 4, 192, 48, 3  # vit_tiny, patch 8 on 32 px: a 4 x 4 grid
 TOL = dict(rtol=1e-10, atol=1e-10)

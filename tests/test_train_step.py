@@ -1,4 +1,4 @@
-"""One full I-JEPA step of ``fastjepa.train.train_step`` against a hand-written float64 reference.
+"""One full I-JEPA step of ``fastjepa.step.train_step`` against a hand-written float64 reference.
 
 The models are ``vit_tiny`` (patch 8 on 32x32 images: a 4x4 grid of 16 tokens) with a
 2-block predictor, converted to float64. The reference below never calls fastjepa's
@@ -20,7 +20,7 @@ import torch
 
 from fastjepa.helper import init_model, init_opt
 from fastjepa.masks import PackedMasks
-from fastjepa.train import ContextPredictor, train_step
+from fastjepa.step import ContextPredictor, train_step
 from fastjepa.utils.schedulers import MomentumSchedule
 
 PATCH, CROP, HEADS = 8, 32, 3  # vit_tiny: embed 192, 3 heads; the predictor uses the encoder's heads
@@ -300,3 +300,37 @@ def test_a_nonfinite_loss_or_gradient_leaves_weights_moments_and_target_as_they_
     assert_unchanged(before)
     assert step(torch.randn(3, 3, CROP, CROP)).nonfinite is None  # and training goes on
     assert any(not torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+
+
+def test_the_phase_hook_wraps_every_phase_in_order_and_changes_nothing():
+    """Two identical runs of two steps, one with a recording hook: the same losses and weights,
+    and the hook saw each step's seven phases in the step's order."""
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(name):
+        seen.append(name)
+        yield
+
+    runs = []
+    for phase in (None, record):
+        torch.manual_seed(0)
+        encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
+        target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
+                                                    warmup=0, num_epochs=1, wd=0.0, final_wd=0.0, ipe_scale=1.0)
+        momentum_sched = MomentumSchedule(0.99, 1.0, 100)
+        model = ContextPredictor(encoder, predictor, phase=phase) if phase else ContextPredictor(encoder, predictor)
+        masks_enc, masks_pred = CASES["B3"]
+        imgs = torch.randn(3, 3, CROP, CROP)
+        hook = {"phase": phase} if phase else {}
+        losses = [train_step(model, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched, imgs, masks_enc, masks_pred,
+                             **hook).loss for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in target_encoder.parameters()]))
+    order = ["target forward", "context forward", "predictor", "loss", "backward", "optimizer", "ema"]
+    assert seen == order * 2
+    (losses_a, target_a), (losses_b, target_b) = runs
+    assert [float(x) for x in losses_a] == [float(x) for x in losses_b]
+    assert all(torch.equal(a, b) for a, b in zip(target_a, target_b))

@@ -1,0 +1,171 @@
+"""One I-JEPA training step: ``train_step`` and its parts (the targets, the loss, the EMA of the
+target encoder, the non-finite guard). The trainer (``fastjepa.train``) and
+``benchmarks/bench_step.py`` both run this step; nothing else re-implements it.
+
+A phase hook, ``phase(name)`` returning a context manager, can wrap each phase of the step:
+"target forward", "context forward" and "predictor" (inside ``ContextPredictor.forward``, so
+that DDP and FSDP2 still wrap one module), "loss", "backward", "optimizer" and "ema". The
+default, ``untimed``, returns one shared ``nullcontext``: unused, the hook costs nothing."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastjepa.distributed import any_rank_tensor, local, unwrap
+from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
+from fastjepa.models.shadow import Bf16Shadow
+from fastjepa.ops import ema_update_, gather_tokens
+from fastjepa.utils.tensors import repeat_interleave_batch
+
+PhaseHook = Callable[[str], ContextManager]
+_UNTIMED = contextlib.nullcontext()
+
+
+def untimed(name: str) -> ContextManager:
+    """The default phase hook: nothing around any phase."""
+    return _UNTIMED
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # 0-d, detached, still on the device: reading it is the caller's sync
+    lr: float
+    wd: float
+    momentum: float
+    loss_value: float | None = None  # the loss on the host, read in the finite check's sync (None without the check)
+    nonfinite: str | None = None  # what was not finite when the step was left out (no update, no EMA)
+
+
+class ContextPredictor(nn.Module):
+    """The trained pair: the context encoder and the predictor in one module, so that DDP
+    has one reducer (and FSDP2 one root) for both. ``shared_context``: the predictor runs
+    its shared-context layout (``meta.shared_context_predictor``). ``phase``: the hook around
+    its two phases, "context forward" and "predictor" (set it to time them)."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, shared_context: bool = False, phase: PhaseHook = untimed):
+        super().__init__()
+        self.encoder, self.predictor, self.shared_context, self.phase = encoder, predictor, shared_context, phase
+
+    def forward(self, imgs, masks_enc, masks_pred):
+        extra = {"shared_context": True} if self.shared_context else {}  # a reference predictor takes no such keyword
+        with self.phase("context forward"):
+            z = self.encoder(imgs, masks_enc)
+        with self.phase("predictor"):
+            return self.predictor(z, masks_enc, masks_pred, **extra)
+
+
+@torch.no_grad()
+def target_tokens(target_encoder, imgs, num_context_masks: int, masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The targets: the target encoder's output after a LayerNorm without affine (eps 1e-5),
+    gathered at every target block and repeated once per context mask (mask-major)."""
+    h = target_encoder(imgs)
+    h = F.layer_norm(h, (h.size(-1),))
+    B = len(imgs)
+    target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=num_context_masks)
+    return gather_tokens(h, target_index.to(h.device))
+
+
+@torch.no_grad()
+def update_target(target_encoder, encoder, momentum: float, target_shadow: Bf16Shadow | None = None) -> None:
+    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is
+    one). Under FSDP2 each rank updates its own shards."""
+    if target_shadow is not None:
+        target_shadow.update_(momentum)
+    else:
+        ema_update_([local(p) for p in target_encoder.parameters()], [local(p) for p in encoder.parameters()], momentum)
+
+
+def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor],
+              phase: PhaseHook = untimed) -> torch.Tensor:
+    """Smooth-L1 (beta 1, mean) between the predictor's output (``model``: a
+    ContextPredictor, maybe under DDP or FSDP2) and the target encoder's output after a
+    LayerNorm without affine (eps 1e-5), at the target blocks.
+
+    ``masks_enc`` may be ``PackedMasks`` (``mask.ragged``: every context token kept, the
+    encoder and predictor run on packed tokens). The target masks and the loss are the
+    same in every mode."""
+    masks_enc = _as_list(masks_enc)
+    with phase("target forward"):
+        h = target_tokens(target_encoder, imgs, len(masks_enc), masks_pred)
+    z = model(imgs, masks_enc, masks_pred)
+    with phase("loss"):
+        dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
+        return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
+
+
+def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool on the device, true when the loss or any gradient holds NaN or inf on any
+    rank. The 1-norms carry every NaN and inf through their sums on every device (an
+    infinity norm's max need not) and stay finite for any sane gradient."""
+    grads = [g for g in grads if g.numel()]  # an FSDP2 shard can be empty
+    bad = ~torch.isfinite(loss)
+    if grads:
+        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()
+    return any_rank_tensor(bad)
+
+
+def describe_nonfinite(loss: torch.Tensor, model) -> str:
+    """What went non-finite, in words (the slow path, after ``nonfinite_flag``)."""
+    parts = [] if torch.isfinite(loss) else [f"loss is {loss.item()}"]
+    bad = [name for name, p in unwrap(model).named_parameters() if p.grad is not None and not torch.isfinite(local(p.grad)).all()]
+    if bad:
+        parts.append(f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    return "; ".join(parts) or "non-finite loss or gradients on another rank"
+
+
+def train_step(
+    model,
+    target_encoder,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    wd_scheduler,
+    momentum_scheduler: Iterator[float],
+    imgs: torch.Tensor,
+    masks_enc: Sequence[torch.Tensor],
+    masks_pred: Sequence[torch.Tensor],
+    use_bfloat16: bool = False,
+    target_shadow: Bf16Shadow | None = None,
+    check_finite: bool = True,
+    phase: PhaseHook = untimed,
+) -> StepResult:
+    """One I-JEPA iteration in the reference's order: schedules, forward under bf16
+    autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
+    ContextPredictor, maybe under DDP or FSDP2. With a ``target_shadow`` (bf16 autocast
+    only) the target forward runs on the shadow, and the EMA refreshes it: the same
+    values, without autocast's per-forward weight casts. ``check_finite``: a loss or
+    gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
+    target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
+    the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
+    waits for the optimizer and the EMA. ``phase``: the hook around the target forward, the
+    loss, the backward, the optimizer (with the finite check) and the EMA; the model's own
+    phases are its ``phase`` attribute (ContextPredictor)."""
+    if target_shadow is not None and not use_bfloat16:
+        raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
+    lr = lr_scheduler.step()
+    wd = wd_scheduler.step()
+    with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+        target_forward = target_shadow.module if target_shadow is not None else target_encoder
+        loss = jepa_loss(model, target_forward, imgs, masks_enc, masks_pred, phase)
+    with phase("backward"):
+        loss.backward()
+    momentum = next(momentum_scheduler)
+    loss, loss_value = loss.detach(), None
+    with phase("optimizer"):
+        if check_finite:
+            grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+            bad, loss_value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
+            if bad:
+                what = describe_nonfinite(loss, model)
+                optimizer.zero_grad(set_to_none=True)
+                return StepResult(loss, lr, wd, momentum, loss_value, what)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with phase("ema"):
+        update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
+    return StepResult(loss, lr, wd, momentum, loss_value)
