@@ -56,10 +56,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from common import RESULTS, hardware, write_rows  # noqa: E402
-from fastjepa.config import validate  # noqa: E402
+from fastjepa.config import build_loader, loader_settings, mask_sampler, validate  # noqa: E402
 from fastjepa.data import IMAGENET_MEAN, IMAGENET_STD, default_photos_dir, list_images  # noqa: E402
 from fastjepa.data.images import random_resized_crop_box, to_uint8_chw  # noqa: E402
-from fastjepa.data.loader import backend_problem, make_loader  # noqa: E402
+from fastjepa.data.loader import backend_problem  # noqa: E402
 from fastjepa.masks import MaskCollator  # noqa: E402
 
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 300)]
@@ -178,7 +178,10 @@ def reference_style_epochs(config, folder: Path, device, workers: int):
 
 def backend_epochs(config, folder: Path, device, loader_class=None):
     """``epoch(e)``: a fastjepa backend's batches of an epoch, on the device."""
-    loader = make_loader(config, device, seed=0, root=str(folder)) if loader_class is None else loader_class(config, str(folder), device, 0)
+    if loader_class is None:
+        loader = build_loader(config, device, seed=0, root=str(folder))
+    else:
+        loader = loader_class(loader_settings(config), mask_sampler(config), str(folder), device, 0)
     steps = loader.steps_per_epoch
 
     def epoch(e):

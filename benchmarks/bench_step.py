@@ -55,8 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import RESULTS, hardware, write_rows  # noqa: E402
-from fastjepa.config import validate  # noqa: E402
-from fastjepa.data.loader import make_loader  # noqa: E402
+from fastjepa.config import build_loader, validate  # noqa: E402
 from fastjepa.data.normalize import normalize  # noqa: E402
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
@@ -278,7 +277,7 @@ class LoaderBatches:
                      "num_workers": workers, "repeat": max(1, -(-2 * batch // len(list(folder.glob("*.jpg")))))},
             "mask": {"patch_size": patch, "min_keep": min_keep, "ragged": ragged},
         })
-        self.loader = make_loader(config, device, 0, str(folder))
+        self.loader = build_loader(config, device, 0, str(folder))
         self.epoch, self.step, self.batches = 0, 0, iter(())
 
     def next(self):

@@ -16,13 +16,12 @@ from typing import Any, Callable
 
 import yaml
 
+from fastjepa.data.base import LoaderSettings
+from fastjepa.data.loader import make_loader
+from fastjepa.errors import ConfigError
 from fastjepa.helper import MODEL_NAMES
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 from fastjepa.models.vision_transformer import VIT_SHAPES
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +207,23 @@ def mask_sampler(config: dict) -> MultiBlockMaskSampler:
         allow_overlap=mask["allow_overlap"],
         fix_position_range=mask["fix_position_range"],
     )
+
+
+def loader_settings(config: dict) -> LoaderSettings:
+    """The loader's settings a checked config describes."""
+    data = config["data"]
+    return LoaderSettings(
+        backend=data["backend"], batch_size=data["batch_size"], crop_size=data["crop_size"], crop_scale=tuple(data["crop_scale"]),
+        flip=data["use_horizontal_flip"], color_distortion=data["use_color_distortion"], color_strength=data["color_jitter_strength"],
+        blur=data["use_gaussian_blur"], num_workers=data["num_workers"], repeat=data["repeat"], pin_memory=data["pin_mem"],
+        ragged=config["mask"]["ragged"],
+    )
+
+
+def build_loader(config: dict, device, seed: int, root: str, rank: int = 0, world_size: int = 1, gather=None):
+    """The image loader of a checked config (``fastjepa.data.loader.make_loader`` with the
+    config's loader settings and mask sampler) over the images under ``root``."""
+    return make_loader(loader_settings(config), mask_sampler(config), device, seed, root, rank, world_size, gather)
 
 
 def load_yaml(path) -> dict:

@@ -17,8 +17,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from fastjepa.config import ConfigError, find_key, tiny_preset, validate
-from fastjepa.data.loader import make_loader
+from fastjepa.config import ConfigError, build_loader, find_key, tiny_preset, validate
 from fastjepa.distributed import all_gather_object, any_rank, broadcast_object, full_state, rank, setup, teardown, world_size, wrap
 from fastjepa.helper import CheckpointError, init_model, init_opt, load_models, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.masks.utils import PackedMasks
@@ -216,7 +215,7 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     config["logging"]["folder"] = str(folder)
     say = print if is_main else (lambda *a, **k: None)
 
-    loader = make_loader(config, device, seed, data_root(config), this_rank, ranks, all_gather_object)
+    loader = build_loader(config, device, seed, data_root(config), this_rank, ranks, all_gather_object)
     ipe = loader.steps_per_epoch
 
     torch.manual_seed(seed)

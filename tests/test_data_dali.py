@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from fastjepa.data.images import load_rgb, random_resized_crop_boxes
-from fastjepa.data.loader import backend_problem, make_loader
+from fastjepa.config import build_loader
+from fastjepa.data.loader import backend_problem
 from fastjepa.data.normalize import normalize
 from imagefiles import gradient, identify, undecodable_jpeg, write_colour_images
 from test_data_loader import CPU, data_config, epoch
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(backend_problem("dali", CPU) is not None, reason
 def test_crops_are_the_windows_drawn_on_the_host_resized_like_pil(tmp_path):
     for i in range(8):
         gradient(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / f"{i}.png")
-    loader = make_loader(data_config(tmp_path, "dali", use_horizontal_flip=True), CPU, seed=2, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "dali", use_horizontal_flip=True), CPU, seed=2, root=str(tmp_path))
     batches = epoch(loader, 0)
     loader.order.set_epoch(0)
     loader.order.skip(0)
@@ -63,26 +64,26 @@ def test_dali_reader_sharding_under_drop_loses_samples_ours_does_not(tmp_path):
                  for i in batch[0]["label"].flatten().tolist()]
     assert len(read) == 4 and len(set(read)) == 4  # 3 files lost in every epoch
 
-    ranks = [make_loader(data_config(tmp_path, "dali", batch_size=1), CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
+    ranks = [build_loader(data_config(tmp_path, "dali", batch_size=1), CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
     seen = [[i for b in epoch(r, 0) for i in identify(b.images)] for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 3 and len(set(seen[0] + seen[1])) == 6  # one of 7 left out, a new one each epoch
 
 
 def test_the_number_of_dali_threads_does_not_change_the_batches(tmp_path):
     write_colour_images(tmp_path, 12)
-    one = epoch(make_loader(data_config(tmp_path, "dali", num_workers=1), CPU, seed=0, root=str(tmp_path)), 0)
-    two = epoch(make_loader(data_config(tmp_path, "dali", num_workers=2), CPU, seed=0, root=str(tmp_path)), 0)
+    one = epoch(build_loader(data_config(tmp_path, "dali", num_workers=1), CPU, seed=0, root=str(tmp_path)), 0)
+    two = epoch(build_loader(data_config(tmp_path, "dali", num_workers=2), CPU, seed=0, root=str(tmp_path)), 0)
     assert all(torch.equal(a.images, b.images) for a, b in zip(one, two)) and len(one) == len(two) == 3
 
 
 def test_an_undecodable_file_is_left_out_of_its_batch_and_the_rest_is_unchanged(tmp_path):
     write_colour_images(tmp_path, 8)
     config = data_config(tmp_path, "dali")
-    clean = epoch(make_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
+    clean = epoch(build_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
     victim = identify(clean[1].images)[2]  # the third image of the second batch
     path = tmp_path / f"{victim:03d}.jpg"
     path.write_bytes(undecodable_jpeg())  # complete file: passes the header check, fails in DALI
-    loader = make_loader(config, CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(config, CPU, seed=0, root=str(tmp_path))
     broken = epoch(loader, 0)
     assert [b.bad for b in broken] == [0, 1] and torch.equal(broken[0].images, clean[0].images)
     assert torch.equal(broken[1].images, clean[1].images[[0, 1, 3]])  # the others keep their crops
@@ -94,7 +95,7 @@ def test_a_dali_error_without_a_file_name_is_one_line(tmp_path, monkeypatch):
     from fastjepa.data.dali import DaliLoader
 
     write_colour_images(tmp_path, 4)
-    loader = make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
 
     def fail(self):
         raise RuntimeError("Critical error in pipeline:\nsomething DALI says")
@@ -112,8 +113,8 @@ def test_the_gpu_graph_matches_the_cpu_graph(tmp_path):
     for i in range(8):
         gradient(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / f"{i}.jpg", quality=95)
     config = data_config(tmp_path, "dali", use_horizontal_flip=True)
-    on_cpu = epoch(make_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
-    on_gpu = epoch(make_loader(config, torch.device("cuda"), seed=0, root=str(tmp_path)), 0)
+    on_cpu = epoch(build_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
+    on_gpu = epoch(build_loader(config, torch.device("cuda"), seed=0, root=str(tmp_path)), 0)
     for a, b in zip(on_cpu, on_gpu):
         assert b.images.is_cuda and all(m.is_cuda for m in b.masks_enc + b.masks_pred)
         assert ((a.images - b.images.cpu()).abs() * 255 * 0.226).mean() < 1.5  # nvJPEG and libjpeg-turbo round differently
@@ -126,7 +127,7 @@ def test_a_dropped_loader_frees_its_pipeline_at_once(tmp_path):
     import weakref
 
     write_colour_images(tmp_path, 8)
-    loader = make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
     assert len(epoch(loader, 0)) == 2 and len(epoch(loader, 1)) == 2  # the second epoch reuses the pipeline
     pipeline = weakref.ref(loader.iterator)
     gc.disable()

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 import fastjepa.data.loader as loader_module
-from fastjepa.config import ConfigError, mask_sampler, validate
+from fastjepa.config import ConfigError, build_loader, mask_sampler, validate
+from fastjepa.data.base import MaskStream
 from fastjepa.data.images import mix_seed
-from fastjepa.data.loader import MaskStream, backend_problem, make_loader, resolve_backend
+from fastjepa.data.loader import backend_problem, resolve_backend
 from conftest import run_as_ranks
 from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
 
@@ -70,7 +71,7 @@ def assert_same_batches(a, b):
 def test_an_epoch_is_normalised_images_with_their_step_masks(tmp_path, backend):
     write_colour_images(tmp_path, 12)
     config = data_config(tmp_path, backend)
-    loader = make_loader(config, CPU, seed=3, root=str(tmp_path))
+    loader = build_loader(config, CPU, seed=3, root=str(tmp_path))
     assert loader.backend == backend and loader.num_images == 12 and loader.steps_per_epoch == 3
     batches = epoch(loader, 1, first_step=7)
     assert len(batches) == 3
@@ -89,19 +90,19 @@ def test_an_epoch_is_normalised_images_with_their_step_masks(tmp_path, backend):
 def test_same_seed_same_batches_other_seed_or_epoch_differ(tmp_path, backend):
     write_colour_images(tmp_path, 12)
     config = data_config(tmp_path, backend, use_horizontal_flip=True)
-    first = epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 0)
-    assert_same_batches(first, epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 0))
+    first = epoch(build_loader(config, CPU, seed=5, root=str(tmp_path)), 0)
+    assert_same_batches(first, epoch(build_loader(config, CPU, seed=5, root=str(tmp_path)), 0))
     order = [identify(b.images) for b in first]
-    assert order != [identify(b.images) for b in epoch(make_loader(config, CPU, seed=6, root=str(tmp_path)), 0)]
-    assert order != [identify(b.images) for b in epoch(make_loader(config, CPU, seed=5, root=str(tmp_path)), 1)]
+    assert order != [identify(b.images) for b in epoch(build_loader(config, CPU, seed=6, root=str(tmp_path)), 0)]
+    assert order != [identify(b.images) for b in epoch(build_loader(config, CPU, seed=5, root=str(tmp_path)), 1)]
 
 
 def test_worker_processes_or_threads_do_not_change_the_batches(tmp_path, backend):
     """num_workers: DataLoader processes (pil, torchvision) or DALI threads; the mask thread must
     not exist when the DataLoader forks its workers (a fork beside a busy thread can deadlock)."""
     write_colour_images(tmp_path, 12)
-    alone = make_loader(data_config(tmp_path, backend, use_horizontal_flip=True), CPU, seed=0, root=str(tmp_path))
-    helped = make_loader(data_config(tmp_path, backend, use_horizontal_flip=True, num_workers=2), CPU, seed=0, root=str(tmp_path))
+    alone = build_loader(data_config(tmp_path, backend, use_horizontal_flip=True), CPU, seed=0, root=str(tmp_path))
+    helped = build_loader(data_config(tmp_path, backend, use_horizontal_flip=True, num_workers=2), CPU, seed=0, root=str(tmp_path))
     for e in range(2):
         assert_same_batches(epoch(alone, e), epoch(helped, e))
 
@@ -130,8 +131,8 @@ def reads(backend, monkeypatch):
 def test_mid_epoch_resume_equals_the_uninterrupted_epoch_and_reads_only_the_rest(tmp_path, backend, monkeypatch):
     write_colour_images(tmp_path, 16)
     config = data_config(tmp_path, backend, use_horizontal_flip=True, repeat=2)  # 8 steps per epoch
-    whole = epoch(make_loader(config, CPU, seed=1, root=str(tmp_path)), 2)
-    resumed = make_loader(config, CPU, seed=1, root=str(tmp_path))
+    whole = epoch(build_loader(config, CPU, seed=1, root=str(tmp_path)), 2)
+    resumed = build_loader(config, CPU, seed=1, root=str(tmp_path))
     count = reads(backend, monkeypatch)
     tail = epoch(resumed, 2, start_itr=5)
     assert len(count) == 3 * 4  # the skipped batches were not read
@@ -142,7 +143,7 @@ def test_mid_epoch_resume_equals_the_uninterrupted_epoch_and_reads_only_the_rest
 def test_two_ranks_read_disjoint_images_in_equal_numbers_of_steps_with_their_own_masks(tmp_path, backend):
     write_colour_images(tmp_path, 11)  # 11 images, 2 ranks, batch 2: 5 images per rank, 2 steps each
     config = data_config(tmp_path, backend, batch_size=2)
-    ranks = [make_loader(config, CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
+    ranks = [build_loader(config, CPU, seed=0, root=str(tmp_path), rank=r, world_size=2) for r in range(2)]
     assert [r.steps_per_epoch for r in ranks] == [2, 2]
     for e in range(3):
         batches = [epoch(r, e, first_step=2 * e) for r in ranks]
@@ -151,14 +152,14 @@ def test_two_ranks_read_disjoint_images_in_equal_numbers_of_steps_with_their_own
         for a, b in zip(*batches):  # the same step on two ranks: other masks
             assert any(not torch.equal(m, n) for m, n in zip(a.masks_enc + a.masks_pred, b.masks_enc + b.masks_pred))
     with pytest.raises(ConfigError, match="larger than the 1 images of an epoch on each of 8 ranks in "):
-        make_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path), rank=0, world_size=8)
+        build_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path), rank=0, world_size=8)
 
 
 def test_bad_files_are_skipped_and_counted_never_fatal(tmp_path, backend):
     write_colour_images(tmp_path, 7)  # + 5 bad files: whole batches of 2 in every backend
     bad = write_bad_files(tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
-    loader = make_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, backend, batch_size=2), CPU, seed=0, root=str(tmp_path))
     assert loader.skipped_files == [str(tmp_path / "notes.txt")]
     for e in range(2):
         batches = epoch(loader, e)
@@ -172,7 +173,7 @@ def test_bad_files_are_skipped_and_counted_never_fatal(tmp_path, backend):
 
 def test_grayscale_cmyk_png_and_16_bit_images_decode_in_every_backend(tmp_path, backend):
     write_every_mode(tmp_path)
-    loader = make_loader(data_config(tmp_path, backend, batch_size=3), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, backend, batch_size=3), CPU, seed=0, root=str(tmp_path))
     batches = epoch(loader, 0)
     assert not loader.rejected and sum(b.bad for b in batches) == 0
     assert sum(len(b.images) for b in batches) == 6 and all(torch.isfinite(b.images).all() for b in batches)
@@ -181,7 +182,7 @@ def test_grayscale_cmyk_png_and_16_bit_images_decode_in_every_backend(tmp_path, 
 def test_an_empty_folder_is_a_clear_error(tmp_path, backend):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="empty dataset: no images under"):
-        make_loader(data_config(tmp_path, backend), CPU, seed=0, root=str(tmp_path))
+        build_loader(data_config(tmp_path, backend), CPU, seed=0, root=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------- masks
@@ -231,9 +232,9 @@ def test_backend_key_is_validated_with_one_line():
 def test_missing_backend_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(loader_module, "import_problem", lambda module: "ModuleNotFoundError: no such module")
     with pytest.raises(ConfigError, match=r"data.backend dali: NVIDIA DALI is not importable .*pip install 'fastjepa\[dali\]'"):
-        make_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
+        build_loader(data_config(tmp_path, "dali"), CPU, seed=0, root=str(tmp_path))
     with pytest.raises(ConfigError, match="data.backend torchvision: torchvision is not importable"):
-        make_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
+        build_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
 
 
 def test_ranks_share_the_header_check_and_read_each_file_once(tmp_path, monkeypatch):
@@ -257,13 +258,13 @@ def test_colour_and_blur_on_the_device_are_the_batch_op_on_the_same_crops(tmp_pa
         pytest.skip("pil distorts colours per sample in its workers (tests/test_data_images.py)")
     from fastjepa.data.color import color_and_blur
     from fastjepa.data.images import mix_seed
-    from fastjepa.data.loader import COLOR_STREAM
+    from fastjepa.data.base import COLOR_STREAM
     from fastjepa.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     write_colour_images(tmp_path, 8)
     augment = dict(use_color_distortion=True, color_jitter_strength=1.0, use_gaussian_blur=True)
-    plain = epoch(make_loader(data_config(tmp_path, backend), CPU, seed=3, root=str(tmp_path)), 1)
-    coloured = epoch(make_loader(data_config(tmp_path, backend, **augment), CPU, seed=3, root=str(tmp_path)), 1)
+    plain = epoch(build_loader(data_config(tmp_path, backend), CPU, seed=3, root=str(tmp_path)), 1)
+    coloured = epoch(build_loader(data_config(tmp_path, backend, **augment), CPU, seed=3, root=str(tmp_path)), 1)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
     changed = 0
     for itr, (a, b) in enumerate(zip(plain, coloured)):

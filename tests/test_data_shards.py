@@ -9,7 +9,7 @@ import pytest
 from conftest import run_as_ranks
 from fastjepa.cli import main
 from fastjepa.data.images import ImageRef, list_images, load_rgb, open_image, read_image_bytes
-from fastjepa.data.loader import make_loader
+from fastjepa.config import build_loader
 from fastjepa.data.scan import check_file, scan_folder
 from fastjepa.data.shards import MemberFile, index_shard
 from imagefiles import gradient, identify, jpeg_bytes, undecodable_jpeg, write_colour_images
@@ -92,8 +92,8 @@ def test_every_backend_reads_shards_exactly_as_the_same_loose_files(tmp_path, ba
     loose = write_colour_images(tmp_path / "loose", 12)
     shard_the_images(loose, tmp_path / "shards", per_shard=5)  # 3 shards: 5, 5, 2
     config = dict(use_horizontal_flip=True, repeat=2)
-    files = make_loader(data_config(tmp_path / "loose", backend, **config), CPU, seed=4, root=str(tmp_path / "loose"))
-    shards = make_loader(data_config(tmp_path / "shards", backend, **config), CPU, seed=4, root=str(tmp_path / "shards"))
+    files = build_loader(data_config(tmp_path / "loose", backend, **config), CPU, seed=4, root=str(tmp_path / "loose"))
+    shards = build_loader(data_config(tmp_path / "shards", backend, **config), CPU, seed=4, root=str(tmp_path / "shards"))
     assert shards.num_images == 12 and shards.steps_per_epoch == 6
     for e in range(2):
         assert_same_batches(epoch(files, e), epoch(shards, e))
@@ -106,7 +106,7 @@ def test_a_bad_member_is_left_out_by_the_header_check_and_counted(tmp_path, back
     members[3] = (members[3][0], members[3][1][: len(members[3][1]) // 2])  # truncated JPEG
     members.append(("notes.txt.jpg", b"not an image at all"))
     shard = write_shard(tmp_path / "data" / "s.tar", members)
-    loader = make_loader(data_config(tmp_path / "data", backend, batch_size=1), CPU, seed=0, root=str(tmp_path / "data"))
+    loader = build_loader(data_config(tmp_path / "data", backend, batch_size=1), CPU, seed=0, root=str(tmp_path / "data"))
     seen = sorted(i for batch in epoch(loader, 0) for i in identify(batch.images))
     if backend == "pil":  # no header check: the decode fails in the worker and the image is counted bad
         assert loader.num_images == 9 and seen == [0, 1, 2, 4, 5, 6, 7]

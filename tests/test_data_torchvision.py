@@ -9,7 +9,8 @@ from PIL import Image
 
 import fastjepa.data.torchvision_gpu as torchvision_gpu
 from fastjepa.data.images import load_rgb, random_resized_crop_boxes
-from fastjepa.data.loader import backend_problem, make_loader
+from fastjepa.config import build_loader
+from fastjepa.data.loader import backend_problem
 from fastjepa.data.normalize import normalize
 from imagefiles import gradient, undecodable_jpeg, write_colour_images, write_every_mode
 from test_data_loader import CPU, data_config, epoch, fake_decode_jpegs
@@ -28,7 +29,7 @@ def decoder_calls(monkeypatch):
 def test_colour_jpegs_go_to_the_batched_decoder_the_rest_to_pil_workers(tmp_path, decoder_calls):
     write_colour_images(tmp_path / "jpeg", 3)
     write_every_mode(tmp_path / "other")  # gray and CMYK JPEGs, PNGs (and one colour progressive JPEG)
-    loader = make_loader(data_config(tmp_path, "torchvision", batch_size=3), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "torchvision", batch_size=3), CPU, seed=0, root=str(tmp_path))
     on_device = sorted(p.rsplit("/", 1)[-1] for p, d in zip(loader.paths, loader.on_device) if d)
     assert on_device == ["000.jpg", "001.jpg", "002.jpg", "progressive.jpg"]
     batches = epoch(loader, 0)
@@ -39,7 +40,7 @@ def test_colour_jpegs_go_to_the_batched_decoder_the_rest_to_pil_workers(tmp_path
 def test_crops_are_the_windows_drawn_on_the_host_resized_with_antialiasing(tmp_path, decoder_calls):
     for i in range(4):
         gradient(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / f"{i}.jpg", quality=95)
-    loader = make_loader(data_config(tmp_path, "torchvision", use_horizontal_flip=True), CPU, seed=4, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "torchvision", use_horizontal_flip=True), CPU, seed=4, root=str(tmp_path))
     batch = epoch(loader, 0)[0]
     loader.order.set_epoch(0)
     loader.order.skip(0)
@@ -58,7 +59,7 @@ def test_crops_are_the_windows_drawn_on_the_host_resized_with_antialiasing(tmp_p
 def test_one_undecodable_jpeg_fails_the_batched_call_and_only_itself(tmp_path, decoder_calls):
     write_colour_images(tmp_path, 4)
     (tmp_path / "000.jpg").write_bytes(undecodable_jpeg())
-    loader = make_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
+    loader = build_loader(data_config(tmp_path, "torchvision"), CPU, seed=0, root=str(tmp_path))
     (batch,) = epoch(loader, 0)
     assert len(batch.images) == 3 and batch.bad == 1
     assert [len(c) for c in decoder_calls] == [4, 1, 1, 1, 1]  # the batch, then one by one
@@ -71,8 +72,8 @@ def test_decoding_on_the_gpu_matches_the_cpu(tmp_path):
         gradient(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / f"{i}.jpg", quality=95)
     write_every_mode(tmp_path / "other")  # decoded with PIL in the workers, then joined on the GPU
     config = data_config(tmp_path, "torchvision", use_horizontal_flip=True, batch_size=7, num_workers=2)
-    on_cpu = epoch(make_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
-    on_gpu = epoch(make_loader(config, torch.device("cuda"), seed=0, root=str(tmp_path)), 0)
+    on_cpu = epoch(build_loader(config, CPU, seed=0, root=str(tmp_path)), 0)
+    on_gpu = epoch(build_loader(config, torch.device("cuda"), seed=0, root=str(tmp_path)), 0)
     for a, b in zip(on_cpu, on_gpu):
         assert b.images.is_cuda and all(m.is_cuda for m in b.masks_enc + b.masks_pred) and b.bad == 0
         difference = (a.images - b.images.cpu()).abs() * 255 * 0.226

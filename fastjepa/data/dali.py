@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from fastjepa.data.images import random_resized_crop_boxes, read_image_bytes
-from fastjepa.data.loader import ImageLoader
+from fastjepa.data.base import ImageLoader, LoaderSettings
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ class Plan(NamedTuple):
 class DaliLoader(ImageLoader):
     backend = "dali"
 
-    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1, gather=None):
+    def __init__(self, settings: LoaderSettings, sampler, root: str, device, seed: int, rank: int = 0, world_size: int = 1,
+                 gather=None):
         scan = scan_folder(root, FORMATS, rank, world_size, gather)
-        super().__init__(config, root, scan.images, device, seed, rank, world_size, scan.rejected)
+        super().__init__(settings, sampler, root, scan.images, device, seed, rank, world_size, scan.rejected)
         self.widths, self.heights = scan.widths, scan.heights
         self.failed: set[int] = set()  # images that passed the header check but DALI cannot decode
         self.threads = max(1, self.num_workers)  # DALI's CPU threads, and the file-reading threads

@@ -10,21 +10,21 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from fastjepa.data.images import ImageDataset, collate_images, list_images, make_transforms
-from fastjepa.data.loader import ImageLoader
+from fastjepa.data.base import ImageLoader, LoaderSettings
 from fastjepa.data.normalize import normalize
 
 
 class PilLoader(ImageLoader):
     backend = "pil"
 
-    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1, gather=None):
-        data = config["data"]
+    def __init__(self, settings: LoaderSettings, sampler, root: str, device, seed: int, rank: int = 0, world_size: int = 1,
+                 gather=None):
         self.dataset = ImageDataset(root, make_transforms(
-            data["crop_size"], tuple(data["crop_scale"]), data["use_horizontal_flip"], data["use_color_distortion"],
-            data["color_jitter_strength"], data["use_gaussian_blur"]), list_images(root, rank, world_size, gather))
-        super().__init__(config, root, self.dataset.images, device, seed, rank, world_size, [])
+            settings.crop_size, settings.crop_scale, settings.flip, settings.color_distortion, settings.color_strength, settings.blur),
+            list_images(root, rank, world_size, gather))
+        super().__init__(settings, sampler, root, self.dataset.images, device, seed, rank, world_size, [])
         self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.order, num_workers=self.num_workers,
-                                 pin_memory=data["pin_mem"] and self.device.type == "cuda", drop_last=True,
+                                 pin_memory=settings.pin_memory and self.device.type == "cuda", drop_last=True,
                                  collate_fn=collate_images, persistent_workers=self.num_workers > 0)  # workers live across epochs
 
     def _batches(self, epoch: int, start_itr: int):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fastjepa.data.images import ImageList, load_rgb, random_resized_crop_boxes, read_image_bytes, to_uint8_chw
-from fastjepa.data.loader import ImageLoader
+from fastjepa.data.base import ImageLoader, LoaderSettings
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ class _EpochBatches:
 class TorchvisionLoader(ImageLoader):
     backend = "torchvision"
 
-    def __init__(self, config: dict, root: str, device, seed: int, rank: int = 0, world_size: int = 1, gather=None):
+    def __init__(self, settings: LoaderSettings, sampler, root: str, device, seed: int, rank: int = 0, world_size: int = 1,
+                 gather=None):
         scan = scan_folder(root, None, rank, world_size, gather)  # PIL decodes what the GPU does not: any format
-        super().__init__(config, root, scan.images, device, seed, rank, world_size, scan.rejected)
+        super().__init__(settings, sampler, root, scan.images, device, seed, rank, world_size, scan.rejected)
         self.widths, self.heights = scan.widths, scan.heights
         self.on_device = [h.format in ("JPEG", "MPO") and h.mode == "RGB" for h in scan.headers]
         self.reader = DataLoader(_Files(self.images, self.on_device), batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
