@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, copy_bandwidth_gbs, device_times_ms, hardware, write_rows
 
 

@@ -52,10 +52,10 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import RESULTS, hardware, write_rows  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from common import RESULTS, hardware, write_rows  # noqa: E402
 from fastjepa.config import build_loader, loader_settings, mask_sampler, validate  # noqa: E402
 from fastjepa.data import IMAGENET_MEAN, IMAGENET_STD, default_photos_dir, list_images  # noqa: E402
 from fastjepa.data.images import random_resized_crop_box, to_uint8_chw  # noqa: E402

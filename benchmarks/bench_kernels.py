@@ -51,13 +51,13 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
+from attention_peers import PEERS, AttentionCase, Unavailable  # noqa: E402
 from common import RESULTS, copy_bandwidth_gbs, device_times_ms, hardware, write_rows  # noqa: E402
+from report import REFERENCES  # noqa: E402
+
 from fastjepa.models import vision_transformer as vit  # noqa: E402
 from fastjepa.ops import adamw_ema_, ema_update_, gather_tokens, use_backend  # noqa: E402
 from fastjepa.ops.backend import device_problem  # noqa: E402
-from attention_peers import PEERS, AttentionCase, Unavailable  # noqa: E402
-from report import REFERENCES  # noqa: E402
 
 # model -> (patch size, image size)
 MODELS = {"vit_base": (16, 224), "vit_large": (16, 224), "vit_huge": (14, 224)}

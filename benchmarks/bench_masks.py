@@ -14,8 +14,8 @@ import argparse
 import sys
 
 import torch
-
 from common import RESULTS, hardware, host_times_ms, write_rows
+
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 
 REFERENCE_MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10, allow_overlap=False)
@@ -48,7 +48,8 @@ def main() -> None:
         collator = MaskCollator(**config)
         batch = [(torch.zeros(1), 0)] * args.batch_size
         timing = host_times_ms(lambda: collator(batch), max(args.iters // 10, 20), warmup=3)
-        rows.append({"bench": "masks", "provider": "reference", "device": "cpu", "hardware": hardware(torch.device("cpu")), "shape": shape, "threads": 1, **timing})
+        rows.append({"bench": "masks", "provider": "reference", "device": "cpu", "hardware": hardware(torch.device("cpu")), "shape": shape,
+                     "threads": 1, **timing})
 
     print(f"{'provider':<10} {'device':<6} {'median ms':>10} {'p20':>8} {'p80':>8}   {shape}, one CPU thread")
     for row in rows:

@@ -53,16 +53,16 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import RESULTS, hardware, write_rows  # noqa: E402
+
 from fastjepa.config import build_loader, validate  # noqa: E402
 from fastjepa.data.normalize import normalize  # noqa: E402
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.masks.utils import PackedMasks  # noqa: E402
-from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
+from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.step import ContextPredictor, train_step  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
@@ -352,7 +352,8 @@ def bench(name, spec, mode, device, args) -> dict:
                                  k_target=_mean_target_tokens(step.sampler), num_pred_masks=MASKS["npred"]).total
     images_per_s = batch * 1e3 / step_ms
     row = {
-        "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs, "cuda_graphs": args.cuda_graphs, "quick": args.quick,
+        "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs,
+        "cuda_graphs": args.cuda_graphs, "quick": args.quick,
         "step_ms": round(step_ms, 3), "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),

@@ -434,12 +434,14 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r.get('case', '')} | {r.get('dtype', '')} | {r['target']} | {r.get('config', '')} | | | | | | | | | compile error: {r['error']} |")
+            lines.append(f"| {r['kernel']} | {r.get('case', '')} | {r.get('dtype', '')} | {r['target']} | {r.get('config', '')} "
+                         f"| | | | | | | | | compile error: {r['error']} |")
             continue
         verdict = "; ".join(problems(r)) or "clean"
         occ = f"{r['occupancy']:.0%}" if r["occupancy"] is not None else ""
         lines.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['target']} | {r['config']} | {'yes' if r['pickable'] else 'no'} | "
-                     f"{r['regs']} | {r['stack']} | {r['local_ld']}/{r['local_st']} | {r['shared'] / 1024:.1f} | {r['hmma']} | {r['hgmma']} | {occ} | {verdict} |")
+                     f"{r['regs']} | {r['stack']} | {r['local_ld']}/{r['local_st']} | {r['shared'] / 1024:.1f} | {r['hmma']} | {r['hgmma']} "
+                     f"| {occ} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,9 +37,9 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from common import RESULTS, cpu_name, write_rows  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import RESULTS, cpu_name, write_rows  # noqa: E402
 from fastjepa.eval import encoder_from_checkpoint, extract_features, knn_top1, linear_probe_top1, load_digits  # noqa: E402
 from fastjepa.helper import init_model  # noqa: E402
 from fastjepa.train import fit  # noqa: E402

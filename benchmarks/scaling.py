@@ -44,9 +44,9 @@ if str(HERE) not in sys.path:  # imported by path (the tests), not run as a scri
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
 from common import RESULTS, write_rows  # noqa: E402
 from report import read_rows  # noqa: E402
+
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402

@@ -134,7 +134,8 @@ def _typed(name: str, key: Key, value):
         )
         value = [float(v) for v in value] if ok else value
     if not ok:
-        expected = {"pair": "a list of two numbers", "path": "a path (string)", "float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}[kind]
+        expected = {"pair": "a list of two numbers", "path": "a path (string)", "float": "a number", "int": "an integer",
+                    "bool": "true or false", "str": "a string"}[kind]
         raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
     if key.check is not None and not key.check(value):
         raise ConfigError(f"{name} must be {key.allowed}, got {value!r}")

@@ -2,7 +2,7 @@
 per-sequence fp64 reference written here. On the CPU the triton backend runs in the
 interpreter (fp32, fp16); on a GPU it runs in bf16 and fp16.
 
-Tolerance (DESIGN.md): the error against the fp64 reference may be at most 3 times the error
+Tolerance (the project's rule for low-precision kernels): the error against the fp64 reference may be at most 3 times the error
 of the same attention computed by PyTorch in the inputs' dtype (scores and the weighted sum
 in that dtype, softmax in fp32), plus ROUNDINGS roundings of the largest value (16 in fp32,
 1 in fp16/bf16). The log-sum-exp is compared with the fp64 one directly.
@@ -195,12 +195,14 @@ def _qkv(total=6, heads=2, head_dim=8):
         (lambda q, k, v: varlen_attention(q, k, v, torch.tensor([0, 6], dtype=torch.int32), 6.0), ValueError, "max_seqlen must be a non-negative Python int"),
         (lambda q, k, v: varlen_attention(q, k[:, :1], v, torch.tensor([0, 6], dtype=torch.int32), 6), ValueError, "one shape"),
         (lambda q, k, v: varlen_attention(q, k, v[..., :4], torch.tensor([0, 6], dtype=torch.int32), 6), ValueError, "one shape"),
-        (lambda q, k, v: varlen_attention(q[0], k, v, torch.tensor([0, 6], dtype=torch.int32), 6), ValueError, r"q must be packed \(total_tokens, heads, head_dim\)"),
+        (lambda q, k, v: varlen_attention(q[0], k, v, torch.tensor([0, 6], dtype=torch.int32), 6), ValueError,
+         r"q must be packed \(total_tokens, heads, head_dim\)"),
         (lambda q, k, v: varlen_attention(q, k.half(), v, torch.tensor([0, 6], dtype=torch.int32), 6), TypeError, "one dtype"),
         (lambda q, k, v: varlen_attention(q, k, v, torch.tensor([0, 6], dtype=torch.int32, device="meta"), 6), ValueError, "cu_seqlens is on meta"),
         (lambda q, k, v: shared_context_attention(q, k, v, torch.tensor([[0, 2, 1, 6]], dtype=torch.int32), 4), ValueError, "never decrease"),
         (lambda q, k, v: shared_context_attention(q, k, v, torch.tensor([[0, 2, 4], [3, 5, 6]], dtype=torch.int32), 4), ValueError, "chain the samples"),
-        (lambda q, k, v: shared_context_attention(q, k, v, torch.tensor([[0, 2, 6]], dtype=torch.int32), 3), ValueError, "max_seqlen 3 is smaller than a context or block"),
+        (lambda q, k, v: shared_context_attention(q, k, v, torch.tensor([[0, 2, 6]], dtype=torch.int32), 3), ValueError,
+         "max_seqlen 3 is smaller than a context or block"),
         (lambda q, k, v: shared_context_attention(q, k, v, torch.tensor([[0, 6]], dtype=torch.int32), 6), ValueError, r"int32 \(B, M \+ 2\)"),
     ],
     ids=["cu-decreasing", "cu-end", "cu-start", "max-seqlen", "cu-int64", "max-seqlen-float", "heads", "head-dim", "q-2d",

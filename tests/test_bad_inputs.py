@@ -34,16 +34,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from imagefiles import undecodable_jpeg, write_bad_files, write_colour_images
 
 import fastjepa.helper as helper
 from fastjepa.cli import main as cli
 from fastjepa.config import ConfigError, apply_override, load_yaml, validate
 from fastjepa.data.loader import backend_problem
 from fastjepa.helper import CheckpointError, init_model, init_opt, load_checkpoint, read_checkpoint, save_checkpoint
-from fastjepa.ops import (BackendError, adamw_ema_, ema_update_, gather_tokens, pos_tokens, shared_context_attention,
-                          use_backend, varlen_attention)
+from fastjepa.ops import BackendError, adamw_ema_, ema_update_, gather_tokens, pos_tokens, shared_context_attention, use_backend, varlen_attention
 from fastjepa.train import fit
-from imagefiles import undecodable_jpeg, write_bad_files, write_colour_images
 
 # The smallest run: 4 x 4 patches of 8 px, a 1-block predictor, batch 2 over the 12 embedded photos.
 SMALL = dict(crop_size=32, patch_size=8, batch_size=2, repeat=1, pred_depth=1, min_keep=0, epochs=1, warmup=1, progress=False)

@@ -4,9 +4,9 @@ import json
 import tarfile
 
 import torch
+from conftest import load_benchmark
 
 from fastjepa.data.loader import backend_problem
-from conftest import load_benchmark
 
 
 def test_quick_run_writes_one_row_per_pipeline(tmp_path):

@@ -2,9 +2,8 @@
 idiom, and one well-formed row per (op, mode, model, provider) is written."""
 
 import json
+
 from conftest import load_benchmark
-
-
 
 
 def test_quick_run_checks_every_provider_and_writes_rows(tmp_path):

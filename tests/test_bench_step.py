@@ -9,8 +9,6 @@ import torch
 from conftest import load_benchmark
 
 
-
-
 def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
     module = load_benchmark("bench_step")
     results = tmp_path / "rows.jsonl"

@@ -10,8 +10,6 @@ import pytest
 from conftest import BENCHMARKS, load_benchmark
 
 
-
-
 def test_ceilings_and_kernel_rows_become_markdown_tables(tmp_path):
     results = tmp_path / "rows.jsonl"
     load_benchmark("bench_ceilings").main(["--quick", "--results", str(results)])

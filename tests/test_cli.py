@@ -43,7 +43,8 @@ def test_eval_rejects_two_data_sources(tmp_path, capsys):
 def test_profile_ranks_option(capsys):
     from fastjepa.cli import build_parser
 
-    parse = lambda *args: build_parser().parse_args(["train", *args]).profile_ranks
+    def parse(*args):
+        return build_parser().parse_args(["train", *args]).profile_ranks
     assert parse() == (0,) and parse("--profile-ranks", "0,8") == (0, 8) and parse("--profile-ranks", "all") is None
     for bad in ("x", "-1", "0,,1"):
         with pytest.raises(SystemExit) as exit_info:

@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from imagefiles import gradient, identify, undecodable_jpeg, write_colour_images
 from PIL import Image
+from test_data_loader import CPU, data_config, epoch
 
-from fastjepa.data.images import load_rgb, random_resized_crop_boxes
 from fastjepa.config import build_loader
+from fastjepa.data.images import load_rgb, random_resized_crop_boxes
 from fastjepa.data.loader import backend_problem
 from fastjepa.data.normalize import normalize
-from imagefiles import gradient, identify, undecodable_jpeg, write_colour_images
-from test_data_loader import CPU, data_config, epoch
 
 pytestmark = pytest.mark.skipif(backend_problem("dali", CPU) is not None, reason=f"dali backend: {backend_problem('dali', CPU)}")
 

@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import run_as_ranks
+from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
 from PIL import Image
 
 import fastjepa.data.loader as loader_module
@@ -14,8 +16,6 @@ from fastjepa.config import ConfigError, build_loader, mask_sampler, validate
 from fastjepa.data.base import MaskStream
 from fastjepa.data.images import mix_seed
 from fastjepa.data.loader import backend_problem, resolve_backend
-from conftest import run_as_ranks
-from imagefiles import colour, identify, write_bad_files, write_colour_images, write_every_mode
 
 CPU = torch.device("cpu")
 
@@ -256,9 +256,9 @@ def test_ranks_share_the_header_check_and_read_each_file_once(tmp_path, monkeypa
 def test_colour_and_blur_on_the_device_are_the_batch_op_on_the_same_crops(tmp_path, backend):
     if backend == "pil":
         pytest.skip("pil distorts colours per sample in its workers (tests/test_data_images.py)")
+    from fastjepa.data.base import COLOR_STREAM
     from fastjepa.data.color import color_and_blur
     from fastjepa.data.images import mix_seed
-    from fastjepa.data.base import COLOR_STREAM
     from fastjepa.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     write_colour_images(tmp_path, 8)

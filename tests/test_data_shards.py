@@ -6,16 +6,16 @@ import os
 import tarfile
 
 import pytest
+import test_data_loader
 from conftest import run_as_ranks
+from imagefiles import gradient, identify, jpeg_bytes, undecodable_jpeg, write_colour_images
+from test_data_loader import CPU, assert_same_batches, data_config, epoch
+
 from fastjepa.cli import main
-from fastjepa.data.images import ImageRef, list_images, load_rgb, open_image, read_image_bytes
 from fastjepa.config import build_loader
+from fastjepa.data.images import ImageRef, list_images, load_rgb, open_image, read_image_bytes
 from fastjepa.data.scan import check_file, scan_folder
 from fastjepa.data.shards import MemberFile, index_shard
-from imagefiles import gradient, identify, jpeg_bytes, undecodable_jpeg, write_colour_images
-
-import test_data_loader
-from test_data_loader import CPU, assert_same_batches, data_config, epoch
 
 backend = test_data_loader.backend  # the data backends' fixture (pil, dali, torchvision), not conftest's ops backends
 

@@ -5,15 +5,15 @@ batched decoder, crop windows, the fallback when one file fails the batched call
 import numpy as np
 import pytest
 import torch
+from imagefiles import gradient, undecodable_jpeg, write_colour_images, write_every_mode
 from PIL import Image
+from test_data_loader import CPU, data_config, epoch, fake_decode_jpegs
 
 import fastjepa.data.torchvision_gpu as torchvision_gpu
-from fastjepa.data.images import load_rgb, random_resized_crop_boxes
 from fastjepa.config import build_loader
+from fastjepa.data.images import load_rgb, random_resized_crop_boxes
 from fastjepa.data.loader import backend_problem
 from fastjepa.data.normalize import normalize
-from imagefiles import gradient, undecodable_jpeg, write_colour_images, write_every_mode
-from test_data_loader import CPU, data_config, epoch, fake_decode_jpegs
 
 
 @pytest.fixture

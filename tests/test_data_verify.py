@@ -4,10 +4,10 @@ every kind pass, exit codes, progress on stderr."""
 import os
 
 import pytest
+from imagefiles import write_bad_files, write_colour_images, write_every_mode
 
 import fastjepa.data.verify as verify
 from fastjepa.cli import main
-from imagefiles import write_bad_files, write_colour_images, write_every_mode
 
 
 def run(capsys, *args):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_steps import run
+
 from fastjepa.distributed import first_host, launch_from_environment
 from fastjepa.helper import read_checkpoint
 

@@ -38,7 +38,8 @@ def test_checkpoint_round_trip_and_ddp_prefixes(models, tmp_path):
     encoder, predictor = models
     target = copy.deepcopy(encoder)
     optimizer = make_opt(encoder, predictor)[0]
-    wrapped = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # as DDP saves them
+    def wrapped(m):
+        return {f"module.{k}": v for k, v in m.state_dict().items()}  # as DDP saves them
     path = tmp_path / "jepa-latest.pth.tar"
     save_checkpoint({"encoder": wrapped(encoder), "predictor": wrapped(predictor), "target_encoder": wrapped(target),
                      "opt": optimizer.state_dict(), "scaler": None, "epoch": 7, "loss": 0.5, "batch_size": 4, "world_size": 1, "lr": 1e-3}, path)

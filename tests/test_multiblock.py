@@ -148,7 +148,8 @@ def test_relaxation_drops_target_constraints_after_repeated_failures(caplog):
 def test_same_seed_same_masks_and_different_seeds_differ():
     sampler = MultiBlockMaskSampler(**REFERENCE_CONFIG)
     first, again, other = draw(sampler, 3, 8, seed=5), draw(sampler, 3, 8, seed=5), draw(sampler, 3, 8, seed=6)
-    flat = lambda batches: torch.cat([m.flatten() for enc, pred in batches for m in enc + pred])
+    def flat(batches):
+        return torch.cat([m.flatten() for enc, pred in batches for m in enc + pred])
     assert torch.equal(flat(first), flat(again))
     a, b = flat(first), flat(other)
     assert a.shape != b.shape or not torch.equal(a, b)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastjepa.ops import BackendError, backend as backend_module, ema_update_, forced_backend, gather_tokens, use_backend
+from fastjepa.ops import BackendError, ema_update_, forced_backend, gather_tokens, use_backend
+from fastjepa.ops import backend as backend_module
 
 
 def test_automatic_choice_on_the_cpu_is_the_torch_reference(monkeypatch):

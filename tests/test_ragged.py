@@ -284,7 +284,8 @@ def test_sampler_packs_every_context_token(allow_overlap):
 
 def test_ragged_sampling_is_deterministic_and_takes_several_context_masks():
     sampler = MultiBlockMaskSampler(**{**SAMPLER, "nenc": 2})
-    draw = lambda seed: sampler.sample(5, generator=torch.Generator().manual_seed(seed), ragged=True)
+    def draw(seed):
+        return sampler.sample(5, generator=torch.Generator().manual_seed(seed), ragged=True)
     (a, ta), (b, tb), (c, _) = draw(3), draw(3), draw(4)
     assert len(a) == 2 and all(m.rows == 5 for m in a)
     for m, n in zip(a + ta, b + tb):

@@ -13,8 +13,10 @@ def test_trunc_normal_statistics_and_bounds():
     assert x.min() >= 0.47 and x.max() <= 0.55
     # A normal truncated at -1.5 and +2.5 sigma: the standard deviation of that truncated law.
     alpha, beta = -1.5, 2.5
-    pdf = lambda t: math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
-    cdf = lambda t: (1 + math.erf(t / math.sqrt(2))) / 2
+    def pdf(t):
+        return math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    def cdf(t):
+        return (1 + math.erf(t / math.sqrt(2))) / 2
     z = cdf(beta) - cdf(alpha)
     mean_shift = (pdf(alpha) - pdf(beta)) / z
     variance = 1 + (alpha * pdf(alpha) - beta * pdf(beta)) / z - mean_shift**2

@@ -30,7 +30,7 @@ def csv_rows(folder):
 
 def test_output_folder_holds_config_log_and_reference_checkpoint(tmp_path):
     result = fit(out=tmp_path, max_steps=4, **SMALL)
-    assert result.steps == 4 and len(result.losses) == 4 and all(l > 0 for l in result.losses)
+    assert result.steps == 4 and len(result.losses) == 4 and all(loss > 0 for loss in result.losses)
     rows = csv_rows(tmp_path)
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 5
     assert [r[:2] for r in rows[1:]] == [["1", "0"], ["1", "1"], ["1", "2"], ["2", "0"]]
@@ -49,7 +49,8 @@ def test_resume_drops_the_rows_a_stopped_run_logged_after_its_checkpoint(tmp_pat
     with open(tmp_path / "split" / "jepa_r0.csv", "a") as f:  # a run killed after logging 2 more steps, before a checkpoint
         f.write("2,0,9.99999,9,9,1.0,0.1,0.04,0.996,1.0\n2,1,9.99999,9,9,1.0,0.1,0.04,0.996,1.0\n")
     fit(out=tmp_path / "split", max_steps=3, resume="latest", **SMALL)
-    strip_time = lambda rows: [r[:5] + r[6:9] for r in rows]
+    def strip_time(rows):
+        return [r[:5] + r[6:9] for r in rows]
     assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))  # one row per step
 
 
@@ -61,7 +62,8 @@ def test_resume_continues_exactly(tmp_path, first, bf16):
     fit(out=tmp_path / "split", max_steps=first, **small)
     resumed = fit(out=tmp_path / "split", max_steps=6 - first, resume="latest", **small)
     assert resumed.steps == 6 - first
-    strip_time = lambda rows: [r[:5] + r[6:9] for r in rows]  # the time and throughput columns differ
+    def strip_time(rows):
+        return [r[:5] + r[6:9] for r in rows]  # the time and throughput columns differ
     assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))
     a = read_checkpoint(tmp_path / "straight" / "jepa-latest.pth.tar")
     b = read_checkpoint(tmp_path / "split" / "jepa-latest.pth.tar")
@@ -310,7 +312,7 @@ def test_skip_nonfinite_leaves_the_step_out_and_carries_on(tmp_path, monkeypatch
     result = fit(out=tmp_path, max_steps=4, skip_nonfinite=True, **SMALL)
     out = capsys.readouterr().out
     assert "skipped epoch 1, step 1 (global step 1): loss is nan" in out and "non-finite loss or gradient: 1" in out
-    assert result.steps == 3 and result.nonfinite_steps == 1 and all(math.isfinite(l) for l in result.losses)
+    assert result.steps == 3 and result.nonfinite_steps == 1 and all(math.isfinite(loss) for loss in result.losses)
     assert [r[:2] for r in csv_rows(tmp_path)[1:]] == [["1", "0"], ["1", "2"], ["2", "0"]]
     checkpoint = read_checkpoint(tmp_path / "jepa-latest.pth.tar")
     assert (checkpoint["epoch"], checkpoint["fastjepa"]["itr"]) == (1, 1)  # the skipped step still counts as a step

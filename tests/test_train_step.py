@@ -58,8 +58,8 @@ def attention(x, P, name):
 
 def blocks(x, P, prefix):
     depth = len({k.split(".")[1] for k in P if k.startswith(prefix + ".")})
-    for l in range(depth):
-        n = f"{prefix}.{l}."
+    for layer in range(depth):
+        n = f"{prefix}.{layer}."
         x = x + attention(layer_norm(x, 1e-6, P[n + "norm1.weight"], P[n + "norm1.bias"]), P, n + "attn")
         h = layer_norm(x, 1e-6, P[n + "norm2.weight"], P[n + "norm2.bias"])
         x = x + linear(gelu_erf(linear(h, P, n + "mlp.fc1")), P, n + "mlp.fc2")

@@ -49,8 +49,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fastjepa.data.images import random_resized_crop_boxes, read_image_bytes
 from fastjepa.data.base import ImageLoader, LoaderSettings
+from fastjepa.data.images import random_resized_crop_boxes, read_image_bytes
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from fastjepa.data.images import ImageDataset, collate_images, list_images, make_transforms
 from fastjepa.data.base import ImageLoader, LoaderSettings
+from fastjepa.data.images import ImageDataset, collate_images, list_images, make_transforms
 from fastjepa.data.normalize import normalize
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from fastjepa.data.images import ImageList, load_rgb, random_resized_crop_boxes, read_image_bytes, to_uint8_chw
 from fastjepa.data.base import ImageLoader, LoaderSettings
+from fastjepa.data.images import ImageList, load_rgb, random_resized_crop_boxes, read_image_bytes, to_uint8_chw
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)

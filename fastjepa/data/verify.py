@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastjepa.data.images import ImageRef, _walk_files, is_image_file, is_shard, load_rgb, open_image, require_folder
-from fastjepa.data.shards import index_shard
 from fastjepa.data.scan import BadImage, check_file
+from fastjepa.data.shards import index_shard
 
 PROGRESS_FROM = 1000  # files: a progress bar from this many on
 
