@@ -138,6 +138,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Long by nature: one declaration per command and option, read top to bottom like the help it prints.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

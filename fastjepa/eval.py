@@ -316,6 +316,7 @@ def _folder_features(encoder, root, size, batch_size, device, num_workers, class
     return torch.cat(features), torch.cat(labels), images.classes
 
 
+# Long by its signature (twelve documented keywords, one per line); the body is the data, the features and the probe.
 def evaluate(
     method: str,
     checkpoint=None,

@@ -124,6 +124,7 @@ def _epoch_starts(log: dict[str, np.ndarray]) -> np.ndarray:
     return log["global_step"][changes]
 
 
+# Long by nature: four panels drawn in sequence, each a few lines of matplotlib.
 def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
     """Draw ``out_dir/curves.png`` from ``out_dir``'s ``*_r{rank}.csv`` and return its path.
 

@@ -186,11 +186,12 @@ def test_default_train_finishes_with_a_falling_loss(tmp_path):
 
 
 def test_checkpoint_every_and_numbered_copies(tmp_path, monkeypatch):
+    import fastjepa.run as run
     import fastjepa.train as train
 
     written = []
-    real = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: (written.append((Path(path).name, state["fastjepa"]["itr"])), real(state, path)))
+    real = run.save_checkpoint
+    monkeypatch.setattr(run, "save_checkpoint", lambda state, path: (written.append((Path(path).name, state["fastjepa"]["itr"])), real(state, path)))
     monkeypatch.setattr(train, "CHECKPOINT_FREQ", 2)
     fit(out=tmp_path, checkpoint_every=2, **SMALL)  # 4 epochs of 3 steps
     assert ("jepa-latest.pth.tar", 2) in written  # step 2, inside epoch 1

@@ -116,6 +116,7 @@ def _device_scalars(op: str, name: str, value: float | Tensor, device: torch.dev
     return value.reshape(-1)
 
 
+# Long by its validation: eight argument lists and four numbers, each checked with its own message before any kernel runs.
 def adamw_ema_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
