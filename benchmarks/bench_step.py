@@ -60,10 +60,10 @@ from fastjepa.data.normalize import normalize  # noqa: E402
 from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
-from fastjepa.masks.utils import PackedMasks  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.step import ContextPredictor, train_step  # noqa: E402
+from fastjepa.utils.masking import PackedMasks  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
 # name -> (model, patch, crop, batch): the published configs' per-GPU batch for ViT-H

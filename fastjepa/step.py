@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastjepa.distributed import any_rank_tensor, local, unwrap
-from fastjepa.masks.utils import PackedMasks, _as_list, stack_masks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
+from fastjepa.utils.masking import PackedMasks, _as_list, stack_masks
 from fastjepa.utils.tensors import repeat_interleave_batch
 
 PhaseHook = Callable[[str], ContextManager]

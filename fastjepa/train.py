@@ -18,7 +18,6 @@ from tqdm import tqdm
 from fastjepa.config import ConfigError, build_loader, find_key, tiny_preset, validate
 from fastjepa.distributed import all_gather_object, any_rank, rank, setup, teardown, world_size, wrap
 from fastjepa.helper import init_model, init_opt, load_models, read_checkpoint
-from fastjepa.masks.utils import PackedMasks
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.profiling import StepProfiler
 from fastjepa.run import (
@@ -34,6 +33,7 @@ from fastjepa.run import (
     tensorboard,
 )
 from fastjepa.step import ContextPredictor, train_step
+from fastjepa.utils.masking import PackedMasks
 from fastjepa.utils.schedulers import momentum_schedule
 
 __all__ = ["CSV_COLUMNS", "TrainResult", "fit", "main", "train_step"]

@@ -104,3 +104,32 @@ def test_the_data_layer_imports_nothing_above_it():
         if name.startswith("fastjepa.data"):
             wrong = sorted(t for t in targets if t.startswith(above))
             assert not wrong, f"{name} imports {wrong}"
+
+
+# DESIGN's layers, top to bottom; each imports only its own layer and the ones below. The rest
+# (helper, distributed, profiling, flops, errors, utils) are shared utilities of every layer.
+LAYERS = (
+    ("fastjepa.cli", "fastjepa.__main__", "fastjepa.train", "fastjepa.run", "fastjepa.config", "fastjepa.submit", "fastjepa.plan",
+     "fastjepa.info", "fastjepa.eval", "fastjepa.plot"),
+    ("fastjepa.step",),
+    ("fastjepa.data", "fastjepa.masks"),
+    ("fastjepa.models",),
+    ("fastjepa.ops",),
+)
+
+
+def layer_of(module: str) -> int | None:
+    for level, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    return None
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = []
+    for name, targets in import_graph().items():
+        for target in targets:
+            if layer_of(name) is not None and layer_of(target) is not None and layer_of(target) < layer_of(name):
+                upward.append(f"{name} -> {target}")
+    assert not upward, upward
+    assert layer_of("fastjepa.data.pil") == 2 and layer_of("fastjepa.helper") is None

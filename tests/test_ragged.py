@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from fastjepa.masks import MultiBlockMaskSampler, PackedMasks
-from fastjepa.masks.utils import concat_packed
 from fastjepa.models import vision_transformer as vit
 from fastjepa.ops import use_backend
 from fastjepa.plot import read_log
 from fastjepa.step import ContextPredictor, jepa_loss
 from fastjepa.train import fit
+from fastjepa.utils.masking import concat_packed
 
 GRID, DIM, PRED_DIM, HEADS = 4, 192, 48, 3  # vit_tiny, patch 8 on 32 px: a 4 x 4 grid
 TOL = dict(rtol=1e-10, atol=1e-10)

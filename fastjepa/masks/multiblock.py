@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from fastjepa.masks.utils import PackedMasks
+from fastjepa.utils.masking import PackedMasks
 
 logger = logging.getLogger(__name__)
 

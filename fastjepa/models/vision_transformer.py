@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastjepa.masks.utils import PackedMasks, _as_list, concat_packed, is_packed, stack_masks
 from fastjepa.ops import gather_tokens, pos_tokens, shared_context_attention, varlen_attention
+from fastjepa.utils.masking import PackedMasks, _as_list, concat_packed, is_packed, stack_masks
 from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
 
 __all__ = [
