@@ -257,13 +257,21 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
         counts.images_seen += len(images)
         counts.step += 1
         bar.update(1)
-        stop, mid_epoch = counts.step >= total_steps, itr + 1 < ipe  # the epoch's end saves in the caller
-        if mid_epoch and (stop or (checkpoint_every is not None and counts.step % checkpoint_every == 0)):
+        save, stop = mid_epoch_checkpoint(counts.step, itr, ipe, total_steps, checkpoint_every)
+        if save:
             run.checkpoints.save(epoch, itr + 1, sum(epoch_losses) / max(len(epoch_losses), 1))
             counts.saved = run.checkpoints.latest
-        if stop and mid_epoch:
+        if stop:
             return None
     return epoch_losses
+
+
+def mid_epoch_checkpoint(step: int, itr: int, ipe: int, total_steps: int, checkpoint_every: int | None) -> tuple[bool, bool]:
+    """(save a checkpoint now, stop the epoch now) after step ``itr`` of an epoch of ``ipe``,
+    ``step`` steps done in all. Inside an epoch, the last step (max_steps) and every
+    checkpoint_every-th save; the epoch's end saves in the caller (``save_epoch_end``)."""
+    stop, mid_epoch = step >= total_steps, itr + 1 < ipe
+    return mid_epoch and (stop or (checkpoint_every is not None and step % checkpoint_every == 0)), stop and mid_epoch
 
 
 def save_epoch_end(checkpoints: Checkpointer, epoch: int, average_loss: float) -> None:
