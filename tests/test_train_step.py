@@ -230,6 +230,17 @@ def test_bf16_autocast_steps_run_in_fp32_loss_and_learn_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def tiny_training(wd: float, ema_start: float):
+    """A seeded ViT-tiny pair with its target, AdamW (constant lr 1e-3, weight decay ``wd``) and
+    the three schedules: (encoder, predictor, target, optimizer, lr, wd, momentum)."""
+    torch.manual_seed(0)
+    encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
+                                                warmup=0, num_epochs=1, wd=wd, final_wd=wd, ipe_scale=1.0)
+    return encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, MomentumSchedule(ema_start, 1.0, 100)
+
+
 def test_bf16_target_shadow_gives_the_same_steps_as_autocast_casting_the_fp32_target():
     """The shadow only saves autocast's weight casts: losses and every weight (fp32 target
     included) equal the plain bf16-autocast run bit for bit, and the shadow holds the
@@ -238,12 +249,7 @@ def test_bf16_target_shadow_gives_the_same_steps_as_autocast_casting_the_fp32_ta
 
     runs = []
     for with_shadow in (False, True):
-        torch.manual_seed(0)
-        encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
-        target_encoder = copy.deepcopy(encoder).requires_grad_(False)
-        optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
-                                                    warmup=0, num_epochs=1, wd=0.04, final_wd=0.04, ipe_scale=1.0)
-        momentum_sched = MomentumSchedule(0.9, 1.0, 100)
+        encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched = tiny_training(wd=0.04, ema_start=0.9)
         shadow = Bf16Shadow(target_encoder, encoder) if with_shadow else None
         masks_enc, masks_pred = CASES["B3"]
         imgs = torch.randn(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
@@ -316,12 +322,7 @@ def test_the_phase_hook_wraps_every_phase_in_order_and_changes_nothing():
 
     runs = []
     for phase in (None, record):
-        torch.manual_seed(0)
-        encoder, predictor = init_model("cpu", patch_size=PATCH, model_name="vit_tiny", crop_size=CROP, pred_depth=1, pred_emb_dim=48)
-        target_encoder = copy.deepcopy(encoder).requires_grad_(False)
-        optimizer, _, lr_sched, wd_sched = init_opt(encoder, predictor, iterations_per_epoch=100, start_lr=1e-3, ref_lr=1e-3,
-                                                    warmup=0, num_epochs=1, wd=0.0, final_wd=0.0, ipe_scale=1.0)
-        momentum_sched = MomentumSchedule(0.99, 1.0, 100)
+        encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched = tiny_training(wd=0.0, ema_start=0.99)
         model = ContextPredictor(encoder, predictor, phase=phase) if phase else ContextPredictor(encoder, predictor)
         masks_enc, masks_pred = CASES["B3"]
         imgs = torch.randn(3, 3, CROP, CROP)
