@@ -62,7 +62,7 @@ from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
-from fastjepa.step import ContextPredictor, train_step  # noqa: E402
+from fastjepa.step import ContextPredictor, PhaseHook, train_step, untimed  # noqa: E402
 from fastjepa.utils.masking import PackedMasks  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
@@ -86,18 +86,16 @@ PHASES = ("data wait", "masks", "target forward", "context forward", "predictor"
 
 
 class PhaseTimer:
-    """CUDA events (or host time on the CPU) and an NVTX range around each phase; disabled,
-    it costs nothing, so the throughput run uses the same step code."""
+    """The step's phase hook for the phase run: CUDA events (or host time on the CPU) and an
+    NVTX range around each phase. The throughput run passes ``fastjepa.step.untimed`` instead,
+    so it times the same step code with nothing around its phases."""
 
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device, self.enabled, self.marks = device, enabled, []
-        self.nvtx = (nvtx_range(device) or (lambda name: contextlib.nullcontext())) if enabled else None
+    def __init__(self, device: torch.device):
+        self.device, self.marks = device, []
+        self.nvtx = nvtx_range(device) or (lambda name: contextlib.nullcontext())
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if not self.enabled:
-            yield
-            return
         with self.nvtx(name):
             start = self._mark()
             yield
@@ -182,11 +180,9 @@ class Step:
             self.encoder, self.predictor, iterations_per_epoch=1000, start_lr=1e-4, ref_lr=1e-3, warmup=1, num_epochs=10,
             wd=0.04, final_wd=0.4)
         self.reference = mode in ("reference-eager", REFERENCE_SRC_MODE)
-        if self.reference:  # the reference's AdamW (foreach, not fused) and its GradScaler
+        if self.reference:  # the reference's AdamW (foreach, not fused) and its GradScaler; fastjepa's modes keep the trainer's
             self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, foreach=device.type == "cuda")
             self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-        else:
-            self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, fused=device.type == "cuda")
         self.bf16 = device.type == "cuda"
         self.shadow = Bf16Shadow(self.target, self.encoder) if self.bf16 and not self.reference else None
         self.targets, self.onlines = list(self.target.parameters()), list(self.encoder.parameters())
@@ -201,7 +197,7 @@ class Step:
         self.momentum = itertools.repeat(0.996)
         self.step_index, self.context_tokens = 0, []
 
-    def run(self, phase: PhaseTimer) -> torch.Tensor:
+    def run(self, phase: PhaseHook) -> torch.Tensor:
         """One step: fastjepa's modes run ``fastjepa.step.train_step``, the trainer's step, with
         ``phase`` as its phase hook; the reference modes their own re-created step."""
         if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
@@ -212,7 +208,6 @@ class Step:
         if self.reference:
             loss = self.reference_step(phase, imgs, masks_enc, masks_pred)
         else:
-            self.model.phase = phase
             result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
                                 imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase)
             if result.nonfinite:
@@ -221,7 +216,7 @@ class Step:
         self.step_index += 1
         return loss
 
-    def batch_and_masks(self, phase: PhaseTimer):
+    def batch_and_masks(self, phase: PhaseHook):
         if self.data is not None:  # images and masks (drawn one step ahead) from the loader
             with phase("data wait"):
                 return self.data.next()
@@ -233,7 +228,7 @@ class Step:
                 return imgs, *([m.to(self.device) for m in group] for group in (masks_enc, masks_pred))
             return imgs, *self.sampler.sample(self.batch, generator=g, device=self.device, ragged=self.mode == "ragged")
 
-    def reference_step(self, phase: PhaseTimer, imgs, masks_enc, masks_pred) -> torch.Tensor:
+    def reference_step(self, phase: PhaseHook, imgs, masks_enc, masks_pred) -> torch.Tensor:
         """The reference's step as it runs there (or, with ``self.source``, its own models and helpers)."""
         self.lr_schedule.step(), self.wd_schedule.step()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -330,7 +325,7 @@ def bench(name, spec, mode, device, args) -> dict:
     compile_mode = "reduce-overhead" if args.cuda_graphs else ("default" if args.compile else None)
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep,
                 reference_src=args.reference_src, data=data)
-    off, on = PhaseTimer(device, enabled=False), PhaseTimer(device, enabled=True)
+    off, on = untimed, PhaseTimer(device)
     for _ in range(args.warmup):
         step.run(off)
     _sync(device)

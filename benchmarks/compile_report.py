@@ -418,15 +418,24 @@ def problems(row: dict) -> list[str]:
     return found
 
 
-def versions() -> dict:
-    import triton
+def ptxas_version() -> str:
+    """``ptxas --version`` of Triton's sm_90 ptxas (its build, the last line, is part of every cache key)."""
     from triton.backends.nvidia.compiler import get_ptxas_version
 
+    return get_ptxas_version(90).strip()
+
+
+def _release(version_text: str | None) -> str | None:
+    found = re.search(r"release ([\d.]+)", version_text or "")
+    return found.group(1) if found else version_text
+
+
+def versions() -> dict:
+    import triton
+
     nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc")
-    nvcc_version = re.search(r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout) if nvcc else None
-    ptxas = re.search(r"release ([\d.]+)", get_ptxas_version(90))
-    return {"triton": triton.__version__, "ptxas": ptxas.group(1) if ptxas else get_ptxas_version(90).strip(),
-            "nvcc": nvcc_version.group(1) if nvcc_version else None}
+    nvcc_text = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else None
+    return {"triton": triton.__version__, "ptxas": _release(ptxas_version()), "nvcc": _release(nvcc_text)}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -477,11 +486,10 @@ def fingerprint() -> dict:
     import platform
 
     import triton
-    from triton.backends.nvidia.compiler import get_ptxas_version
     from triton.runtime.cache import triton_key
 
     return {"triton": triton.__version__, "python": ".".join(platform.python_version_tuple()[:2]),
-            "triton_key": hashlib.sha256(triton_key().encode()).hexdigest()[:16], "ptxas": get_ptxas_version(90).strip().splitlines()[-1]}
+            "triton_key": hashlib.sha256(triton_key().encode()).hexdigest()[:16], "ptxas": ptxas_version().splitlines()[-1]}
 
 
 def check_cache(cache_dir: Path) -> int:

@@ -2,10 +2,11 @@
 target encoder, the non-finite guard). The trainer (``fastjepa.train``) and
 ``benchmarks/bench_step.py`` both run this step; nothing else re-implements it.
 
-A phase hook, ``phase(name)`` returning a context manager, can wrap each phase of the step:
-"target forward", "context forward" and "predictor" (inside ``ContextPredictor.forward``, so
-that DDP and FSDP2 still wrap one module), "loss", "backward", "optimizer" and "ema". The
-default, ``untimed``, returns one shared ``nullcontext``: unused, the hook costs nothing."""
+A phase hook, ``phase(name)`` returning a context manager, given to ``train_step`` wraps each
+phase of the step: "target forward", "context forward" and "predictor" (handed to
+``ContextPredictor.forward``, so that DDP and FSDP2 still wrap one module), "loss", "backward",
+"optimizer" and "ema". The default, ``untimed``, returns one shared ``nullcontext``: unused,
+the hook costs nothing."""
 
 from __future__ import annotations
 
@@ -45,18 +46,18 @@ class StepResult:
 class ContextPredictor(nn.Module):
     """The trained pair: the context encoder and the predictor in one module, so that DDP
     has one reducer (and FSDP2 one root) for both. ``shared_context``: the predictor runs
-    its shared-context layout (``meta.shared_context_predictor``). ``phase``: the hook around
-    its two phases, "context forward" and "predictor" (set it to time them)."""
+    its shared-context layout (``meta.shared_context_predictor``). ``phase``: the step's phase
+    hook, around "context forward" and "predictor"."""
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module, shared_context: bool = False, phase: PhaseHook = untimed):
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, shared_context: bool = False):
         super().__init__()
-        self.encoder, self.predictor, self.shared_context, self.phase = encoder, predictor, shared_context, phase
+        self.encoder, self.predictor, self.shared_context = encoder, predictor, shared_context
 
-    def forward(self, imgs, masks_enc, masks_pred):
+    def forward(self, imgs, masks_enc, masks_pred, phase: PhaseHook = untimed):
         extra = {"shared_context": True} if self.shared_context else {}  # a reference predictor takes no such keyword
-        with self.phase("context forward"):
+        with phase("context forward"):
             z = self.encoder(imgs, masks_enc)
-        with self.phase("predictor"):
+        with phase("predictor"):
             return self.predictor(z, masks_enc, masks_pred, **extra)
 
 
@@ -93,7 +94,7 @@ def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | Pa
     masks_enc = _as_list(masks_enc)
     with phase("target forward"):
         h = target_tokens(target_encoder, imgs, len(masks_enc), masks_pred)
-    z = model(imgs, masks_enc, masks_pred)
+    z = model(imgs, masks_enc, masks_pred, phase)
     with phase("loss"):
         dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
         return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
@@ -142,9 +143,8 @@ def train_step(
     gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
     target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
     the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
-    waits for the optimizer and the EMA. ``phase``: the hook around the target forward, the
-    loss, the backward, the optimizer (with the finite check) and the EMA; the model's own
-    phases are its ``phase`` attribute (ContextPredictor)."""
+    waits for the optimizer and the EMA. ``phase``: the hook around every phase (see the
+    module docstring); the optimizer's includes the finite check."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()

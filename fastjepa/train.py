@@ -16,6 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from fastjepa.config import ConfigError, build_loader, find_key, tiny_preset, validate
+from fastjepa.data.base import ImageLoader
 from fastjepa.distributed import all_gather_object, any_rank, rank, setup, teardown, world_size, wrap
 from fastjepa.helper import init_model, init_opt, load_models, read_checkpoint
 from fastjepa.models.shadow import Bf16Shadow
@@ -50,8 +51,15 @@ def context_length(mask: torch.Tensor | PackedMasks) -> int:
     return mask.shape[1]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def say(message: str) -> None:
+    """Print on rank 0 only."""
+    if rank() == 0:
+        print(message)
+
+
+def mean(losses: list[float]) -> float:
+    """The mean loss, 0 for none."""
+    return sum(losses) / max(len(losses), 1)
 
 
 def data_root(config: dict) -> str:
@@ -91,7 +99,7 @@ class Run:
     config: dict
     device: torch.device
     folder: Path
-    loader: object  # a fastjepa.data.base.ImageLoader
+    loader: ImageLoader
     model: torch.nn.Module  # the ContextPredictor, maybe under DDP or FSDP2
     target_encoder: torch.nn.Module
     target_shadow: Bf16Shadow | None
@@ -100,7 +108,6 @@ class Run:
     checkpoints: Checkpointer
     start_epoch: int
     start_itr: int
-    say: object  # print on rank 0, nothing elsewhere
 
 
 @dataclass
@@ -122,7 +129,6 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     data, mask, meta, opt_cfg = config["data"], config["mask"], config["meta"], config["optimization"]
     folder = run_folder(config, out, resume)
     config["logging"]["folder"] = str(folder)
-    say = print if rank() == 0 else (lambda *a, **k: None)
     loader = build_loader(config, device, seed, data_root(config), rank(), world_size(), all_gather_object)
     ipe = loader.steps_per_epoch
 
@@ -149,7 +155,7 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     target_shadow = Bf16Shadow(target_encoder, encoder) if meta["use_bfloat16"] and not sharded else None
     checkpoints = Checkpointer(folder, config, seed, (encoder, predictor, target_encoder), optimizer, schedulers, rank() == 0, world_size())
     return Run(config, device, folder, loader, model, target_encoder, target_shadow, optimizer, schedulers, checkpoints,
-               start_epoch, start_itr, say)
+               start_epoch, start_itr)
 
 
 def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpoint_every, progress, profile_steps, torch_profiler):
@@ -168,10 +174,10 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     first_step = run.start_epoch * ipe + run.start_itr
     total_steps = epochs * ipe if max_steps is None else min(epochs * ipe, first_step + max_steps)
     processes = f" x {world_size()} processes ({meta['sharding']})" if world_size() > 1 else ""
-    run.say(f"fastjepa train: {meta['model_name']} on {device.type}{processes}, {run.loader.num_images} images x{config['data']['repeat']} "
+    say(f"fastjepa train: {meta['model_name']} on {device.type}{processes}, {run.loader.num_images} images x{config['data']['repeat']} "
             f"({ipe} steps per epoch, data backend {run.loader.backend}), output folder: {run.folder}")
     if run.loader.skipped_files:
-        run.say(f"skipping {len(run.loader.skipped_files)} files that are not images (e.g. {run.loader.skipped_files[0]})")
+        say(f"skipping {len(run.loader.skipped_files)} files that are not images (e.g. {run.loader.skipped_files[0]})")
 
     counts = Progress(first_step, skipped=len(run.loader.rejected))
     profiler = StepProfiler(device, profile_steps, torch_profiler)
@@ -187,12 +193,12 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
             epoch_losses = run_epoch(run, epoch, first_itr, total_steps, checkpoint_every, counts, log, board, bar, profiler, preemption)
             if epoch_losses is None:  # stopped early: max_steps or a preemption notice
                 break
-            save_epoch_end(run.checkpoints, epoch, sum(epoch_losses) / max(len(epoch_losses), 1))
+            save_epoch_end(run.checkpoints, epoch, mean(epoch_losses))
             counts.saved = run.checkpoints.latest
     except KeyboardInterrupt:
         bar.close()
         last = run.checkpoints.latest if run.checkpoints.latest.exists() else "none written yet"
-        run.say(f"\ninterrupted at step {counts.step}; the last complete checkpoint: {last}")
+        say(f"\ninterrupted at step {counts.step}; the last complete checkpoint: {last}")
         raise
     finally:
         preemption.restore()
@@ -203,7 +209,7 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
             board.close()
 
     if counts.preempted:
-        run.say(f"\n{preemption.received or 'a preemption notice (on another rank)'} received: stopped after step {counts.step} "
+        say(f"\n{preemption.received or 'a preemption notice (on another rank)'} received: stopped after step {counts.step} "
                 f"with the checkpoint {run.checkpoints.latest}; continue with --resume auto (or resume='auto')")
     elapsed = time.perf_counter() - started
     result = TrainResult(run.folder, len(counts.losses), counts.losses, counts.saved, counts.images_seen / elapsed if elapsed > 0 else 0.0,
@@ -225,7 +231,7 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
         counts.skipped += bad
         empty, counts.preempted = any_rank(len(images) == 0, preemption.received is not None, device=device)
         if counts.preempted:  # the notice came during the previous step: keep it, stop before this one
-            run.checkpoints.save(epoch, itr, sum(epoch_losses) / max(len(epoch_losses), 1))
+            run.checkpoints.save(epoch, itr, mean(epoch_losses))
             counts.saved = run.checkpoints.latest
             return None
         if empty:  # no file of this batch decoded on some rank: every rank leaves the step out
@@ -259,7 +265,7 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
         bar.update(1)
         save, stop = mid_epoch_checkpoint(counts.step, itr, ipe, total_steps, checkpoint_every)
         if save:
-            run.checkpoints.save(epoch, itr + 1, sum(epoch_losses) / max(len(epoch_losses), 1))
+            run.checkpoints.save(epoch, itr + 1, mean(epoch_losses))
             counts.saved = run.checkpoints.latest
         if stop:
             return None

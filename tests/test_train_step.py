@@ -323,7 +323,7 @@ def test_the_phase_hook_wraps_every_phase_in_order_and_changes_nothing():
     runs = []
     for phase in (None, record):
         encoder, predictor, target_encoder, optimizer, lr_sched, wd_sched, momentum_sched = tiny_training(wd=0.0, ema_start=0.99)
-        model = ContextPredictor(encoder, predictor, phase=phase) if phase else ContextPredictor(encoder, predictor)
+        model = ContextPredictor(encoder, predictor)
         masks_enc, masks_pred = CASES["B3"]
         imgs = torch.randn(3, 3, CROP, CROP)
         hook = {"phase": phase} if phase else {}

@@ -97,7 +97,6 @@ class ImageLoader(ABC):
 
     def __init__(self, settings: LoaderSettings, sampler: MultiBlockMaskSampler, root: str, images: ImageList, device, seed: int,
                  rank: int, world_size: int, rejected: list[tuple[str, str]]):
-        self.settings = settings
         self.root, self.images, self.paths = root, images, images.paths  # paths: the images' names
         self.skipped_files = images.skipped  # files without an image extension, never read
         self.rejected = rejected  # (name, reason): images left out before training (header check)
