@@ -110,7 +110,7 @@ def test_the_data_layer_imports_nothing_above_it():
 # (helper, distributed, profiling, flops, errors, utils) are shared utilities of every layer.
 LAYERS = (
     ("fastjepa.cli", "fastjepa.__main__", "fastjepa.train", "fastjepa.run", "fastjepa.config", "fastjepa.submit", "fastjepa.plan",
-     "fastjepa.info", "fastjepa.eval", "fastjepa.plot"),
+     "fastjepa.info", "fastjepa.eval", "fastjepa.plot", "fastjepa.weights"),
     ("fastjepa.step",),
     ("fastjepa.data", "fastjepa.masks"),
     ("fastjepa.models",),
