@@ -1,4 +1,4 @@
-"""The ``fastjepa`` command line: train, submit, plot, eval, info, data verify.
+"""The ``fastjepa`` command line: train, submit, plot, eval, export, info, data verify.
 
 Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
 loss; ``data verify``: bad files found), 2 bad command line or config, 130 interrupted.
@@ -80,9 +80,27 @@ def _eval(args) -> int:
     if args.data is not None and args.dataset is not None:
         raise UsageError("give either --data DIR or --dataset digits, not both")
     shape = {k: v for k, v in (("model_name", args.model_name), ("patch_size", args.patch_size), ("crop_size", args.crop_size)) if v is not None}
-    result = evaluate(args.method, checkpoint=args.checkpoint, dataset=args.dataset or ("digits" if args.data is None else None),
+    source = {"checkpoint": args.checkpoint}
+    if args.weights is not None:
+        from fastjepa.weights import load_encoder
+
+        if shape:
+            raise UsageError("--model-name, --patch-size and --crop-size go with --checkpoint; --weights reads the shape off the weights")
+        source = {"encoder": load_encoder(args.weights, encoder={"target_encoder": "target", "encoder": "context"}[args.encoder])}
+    result = evaluate(args.method, **source, dataset=args.dataset or ("digits" if args.data is None else None),
                       data=args.data, which=args.encoder, k=args.k, batch_size=args.batch_size, device=args.device, **shape)
     print(f"{args.method} top-1: {100 * result['top1']:.2f}% ({result['train']} train / {result['test']} test images)")
+    return 0
+
+
+def _export(args) -> int:
+    from fastjepa.weights import ENCODERS, FORMATS, export_weights
+
+    if args.format not in FORMATS:
+        raise UsageError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.encoder not in ENCODERS:
+        raise UsageError(f"unknown --encoder {args.encoder!r}; choose one of {', '.join(ENCODERS)}")
+    print(export_weights(args.weights, args.format, args.out, encoder=args.encoder, force=args.force))
     return 0
 
 
@@ -186,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="kNN or linear probe of a frozen encoder")
     evaluation.add_argument("method", choices=("knn", "linear"))
-    evaluation.add_argument("--checkpoint", required=True, metavar="PATH")
+    source = evaluation.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (fastjepa's or the reference's)")
+    source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes: a checkpoint, a Hugging Face "
+                                                          "IJepa folder, a timm or fastjepa .safetensors file (the shape is read off them)")
     evaluation.add_argument("--dataset", choices=("digits",), help="scikit-learn's digits (the default without --data)")
     evaluation.add_argument("--data", metavar="DIR", help="a labeled image folder with train/ and val/ class subfolders")
     evaluation.add_argument("--encoder", choices=("target_encoder", "encoder"), default="target_encoder")
@@ -197,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--patch-size", type=_positive_int)
     evaluation.add_argument("--crop-size", type=_positive_int)
     evaluation.set_defaults(run=_eval)
+
+    export = commands.add_parser(
+        "export", help="write an encoder for Hugging Face transformers, timm or safetensors",
+        description="Write one encoder of a checkpoint (or of weights in any format below) as: hf, a folder "
+                    "transformers.IJepaModel.from_pretrained loads; timm, a .safetensors file for timm's *_gap_* ViTs (the command "
+                    "prints the timm.create_model line); safetensors, fastjepa's own key names. The default is the target (EMA) "
+                    "encoder, the one the paper evaluates; the Hugging Face and timm conversions of Meta's published weights took "
+                    "the context encoder (checkpoint['encoder']): --encoder context gives the same.")
+    export.add_argument("weights", metavar="CHECKPOINT", help="a fastjepa or reference checkpoint (module. prefixes or not), an hf folder "
+                                                             "or a .safetensors file")
+    export.add_argument("--format", required=True, metavar="hf|timm|safetensors")
+    export.add_argument("--out", required=True, metavar="PATH", help="a folder for hf, a .safetensors file otherwise")
+    export.add_argument("--encoder", default="target", metavar="target|context",
+                        help="which encoder of a training checkpoint (default target; Meta's HF and timm weights are the context encoder)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out")
+    export.set_defaults(run=_export)
 
     info = commands.add_parser("info", help="print versions, devices and which backends are usable here")
     info.set_defaults(run=_info)

@@ -87,6 +87,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # for full bus bandwidth while the last (exposed) bucket stays short; not yet measured on a cluster
         "ddp_bucket_mb": Key("int", 100, _positive, ">= 1 (MB)"),
         "grad_reduce_dtype": Key("str", "float32", lambda v: v in GRAD_REDUCE_DTYPES, f"one of {', '.join(GRAD_REDUCE_DTYPES)} (bfloat16 changes numerics)"),
+        # encoder weights to start from (a checkpoint's target encoder, an hf folder, a .safetensors file); a resume overrides them
+        "init_weights": Key("path", None, None, optional=True),
         "load_checkpoint": Key("bool", False),
         "model_name": Key("str", "vit_huge", lambda v: v in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
         "pred_depth": Key("int", 12, _positive, ">= 1"),

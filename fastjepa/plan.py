@@ -76,4 +76,7 @@ def describe(config: dict, device=None) -> str:
         f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate)",
         f"  device         {device}",
     ]
+    if meta["init_weights"]:
+        found = "" if os.path.exists(meta["init_weights"]) else " (not found)"
+        lines.insert(1, f"  init weights   {meta['init_weights']}{found}: encoder and target encoder start from them, the predictor fresh")
     return "\n".join(lines)

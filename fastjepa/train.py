@@ -36,6 +36,7 @@ from fastjepa.run import (
 from fastjepa.step import ContextPredictor, train_step
 from fastjepa.utils.masking import PackedMasks
 from fastjepa.utils.schedulers import momentum_schedule
+from fastjepa.weights import EncoderShape, init_encoder
 
 __all__ = ["CSV_COLUMNS", "TrainResult", "fit", "main", "train_step"]
 
@@ -134,8 +135,11 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
 
     torch.manual_seed(seed)
     encoder, predictor = init_model(device, mask["patch_size"], meta["model_name"], data["crop_size"], meta["pred_depth"], meta["pred_emb_dim"])
-    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     checkpoint_path = resolve_resume(resume, resume_preempt, config, folder)
+    if checkpoint_path is None and meta["init_weights"]:
+        init_encoder(encoder, meta["init_weights"], EncoderShape(meta["model_name"], mask["patch_size"], data["crop_size"]))
+        say(f"encoder and target encoder from {meta['init_weights']}; the predictor starts fresh")
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:  # into the whole models, before DDP or FSDP2 take them
         load_models(checkpoint, checkpoint_path, encoder, predictor, target_encoder)
