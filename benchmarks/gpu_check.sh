@@ -71,7 +71,8 @@ stage ceilings 20 $PYTHON benchmarks/bench_ceilings.py --results "$RESULTS"
 stage gpu-tests 100 $PYTHON -m pytest -q -p no:cacheprovider --junitxml="$BASE-tests.xml" \
     tests/test_gather.py tests/test_ema.py tests/test_optim.py tests/test_cuda_ext.py tests/test_attention.py tests/test_ops_backend.py tests/test_multiblock.py \
     tests/test_vision_transformer.py tests/test_train_step.py tests/test_ragged.py \
-    tests/test_data_loader.py tests/test_data_torchvision.py tests/test_data_dali.py tests/test_data_color.py
+    tests/test_data_loader.py tests/test_data_torchvision.py tests/test_data_dali.py tests/test_data_color.py \
+    tests/test_weights.py
 stage tests-summary 5 $PYTHON - "$BASE-tests.xml" "$RESULTS" <<'PY'
 import json, sys, datetime, xml.etree.ElementTree as ET
 suite = ET.parse(sys.argv[1]).getroot()
