@@ -12,6 +12,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import yaml
@@ -67,6 +68,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "logging": {
         "folder": Key("path", None, None, optional=True),
+        # collapse and health diagnostics every N steps (null: 4 per epoch; 0: never); see fastjepa.step.diagnose
+        "diagnostics_every": Key("int", None, _non_negative, ">= 0 steps (0 turns them off)", optional=True),
         "write_tag": Key("str", "jepa", lambda s: s != "" and os.sep not in s, "a non-empty name without path separators"),
     },
     "mask": {
@@ -82,6 +85,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ragged": Key("bool", False),  # keep every sampled context token (no truncation to the batch minimum)
     },
     "meta": {
+        "activation_checkpointing": Key("bool", False),  # recompute the encoder's and predictor's blocks in the backward
         "copy_data": Key("bool", False, lambda v: v is False, "false (copying ImageNet to node-local scratch is not supported)"),
         # DDP all-reduce bucket: 100 MB keeps ViT-H's ~2.5 GB of fp32 gradients in ~25 NCCL calls large enough
         # for full bus bandwidth while the last (exposed) bucket stays short; not yet measured on a cluster
@@ -104,6 +108,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epochs": Key("int", 300, _positive, ">= 1"),
         "final_lr": Key("float", 1.0e-6, _non_negative, ">= 0"),
         "final_weight_decay": Key("float", 0.4, _non_negative, ">= 0"),
+        # micro-batches per optimizer step: data.batch_size stays the step's batch, accumulation changes memory only
+        "grad_accum_steps": Key("int", 1, _positive, ">= 1 (micro-batches per step)"),
         "ipe_scale": Key("float", 1.0, _positive, "> 0"),
         "lr": Key("float", 0.001, _positive, "> 0"),
         "start_lr": Key("float", 0.0002, _non_negative, ">= 0"),
@@ -168,6 +174,12 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"data.crop_size {data['crop_size']} must be divisible by mask.patch_size {mask['patch_size']}")
     if meta["pred_emb_dim"] % 4:
         raise ConfigError(f"meta.pred_emb_dim must be a multiple of 4 (2-D sin-cos positions), got {meta['pred_emb_dim']}")
+    accum = checked["optimization"]["grad_accum_steps"]
+    if accum > data["batch_size"]:
+        raise ConfigError(f"optimization.grad_accum_steps {accum} is larger than data.batch_size {data['batch_size']}: "
+                          "a micro-batch needs at least one image")
+    if data["batch_size"] % accum:
+        raise ConfigError(f"data.batch_size {data['batch_size']} is not divisible by optimization.grad_accum_steps {accum}")
     heads = VIT_SHAPES[meta["model_name"]][2]  # the predictor has the encoder's heads
     if meta["pred_emb_dim"] % heads:
         raise ConfigError(f"meta.pred_emb_dim must be divisible by {meta['model_name']}'s {heads} heads, got {meta['pred_emb_dim']}")
@@ -227,6 +239,25 @@ def build_loader(config: dict, device, seed: int, root: str, rank: int = 0, worl
     """The image loader of a checked config (``fastjepa.data.loader.make_loader`` with the
     config's loader settings and mask sampler) over the images under ``root``."""
     return make_loader(loader_settings(config), mask_sampler(config), device, seed, root, rank, world_size, gather)
+
+
+RECIPES = Path(__file__).resolve().parent / "configs"  # the shipped recipes (configs/ at the repository root)
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def config_path(name) -> Path:
+    """``name`` as a path when it is a file or looks like one (a folder or a suffix in it), else the
+    shipped recipe of that name (``vit_b16_in1k``); ``ConfigError`` lists the recipes when there is none."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path(".") or path.suffix:
+        return path
+    recipe = RECIPES / f"{name}.yaml"
+    if not recipe.is_file():
+        raise ConfigError(f"config {name} is neither a file nor a shipped recipe; the recipes are {', '.join(recipe_names())}")
+    return recipe
 
 
 def load_yaml(path) -> dict:

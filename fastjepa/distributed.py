@@ -15,6 +15,7 @@ gather every tensor into the reference's format on save, and shard it again on l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -176,10 +177,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for name in ("blocks", "predictor_blocks") if hasattr(model, name) for block in getattr(model, name)]
 
 
-def wrap(model: nn.Module, target_encoder: nn.Module, meta: dict, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, target_encoder: nn.Module, meta: dict, device: torch.device, accumulating: bool = False) -> nn.Module:
     """``model`` (a ContextPredictor: the encoder and the predictor) under DDP or FSDP2, as
     ``meta.sharding`` says; ``target_encoder`` is sharded in place like the encoder under
-    FSDP2 and left alone under DDP. One process: ``model`` itself."""
+    FSDP2 and left alone under DDP. One process: ``model`` itself. ``accumulating`` (gradient
+    accumulation): DDP without ``static_graph``, whose reducer fails under ``no_sync``."""
     if not is_distributed():
         return model
     if meta["sharding"] == "fsdp":
@@ -198,7 +200,7 @@ def wrap(model: nn.Module, target_encoder: nn.Module, meta: dict, device: torch.
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  bucket_cap_mb=meta["ddp_bucket_mb"], static_graph=True, broadcast_buffers=False)
+                                  bucket_cap_mb=meta["ddp_bucket_mb"], static_graph=not accumulating, broadcast_buffers=False)
     if meta["grad_reduce_dtype"] == "bfloat16":
         ddp.register_comm_hook(None, bf16_allreduce_hook)
     return ddp
@@ -218,6 +220,26 @@ def bf16_allreduce_hook(group, bucket):  # no annotations: DDP compares them wit
         return buffer
 
     return future.then(write_back)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Within it, a backward reduces gradients across ranks only when ``enabled``: DDP's
+    ``no_sync`` or FSDP2's ``set_requires_gradient_sync(False)`` otherwise (gradient
+    accumulation: every micro-batch but the last). A module under neither: nothing to switch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not enabled and isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif not enabled and isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

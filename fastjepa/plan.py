@@ -28,6 +28,19 @@ def _count_files(folder: str) -> tuple[int, int] | None:
     return len(names), sum(is_shard(name) for name in names)
 
 
+def activation_bytes(images: int, recompute: bool, meta: dict, mask: dict, encoder, k_context: float, k_target: float) -> float:
+    """Activations kept for the backward of ``images`` images, roughly: about 18 values per
+    token and channel in every block, or with ``recompute`` (activation checkpointing) one
+    per block (its input) plus one block's 18 while it runs again."""
+    value_bytes = 2 if meta["use_bfloat16"] else 4
+    saved_per_token = 18
+    context_block = mask["num_enc_masks"] * k_context * encoder.embed_dim
+    predictor_block = mask["num_enc_masks"] * mask["num_pred_masks"] * (k_context + k_target) * meta["pred_emb_dim"]
+    every_block = len(encoder.blocks) * context_block + meta["pred_depth"] * predictor_block
+    per_image = every_block + saved_per_token * max(context_block, predictor_block) if recompute else saved_per_token * every_block
+    return images * per_image * value_bytes
+
+
 def describe(config: dict, device=None) -> str:
     from fastjepa.train import data_root
 
@@ -46,12 +59,11 @@ def describe(config: dict, device=None) -> str:
 
     encoder_m, predictor_m = _millions(encoder), _millions(predictor)
     state_gb = (16 * (encoder_m + predictor_m) + 4 * encoder_m) * 1e6 / 1e9  # params, grads, 2 moments; fp32 target
-    value_bytes = 2 if meta["use_bfloat16"] else 4
-    saved_per_token = 18  # activations kept for backward per token and channel, roughly, per block
-    context_values = mask["num_enc_masks"] * k_context * len(encoder.blocks) * encoder.embed_dim
-    rows = mask["num_enc_masks"] * mask["num_pred_masks"]
-    predictor_values = rows * (k_context + k_target) * meta["pred_depth"] * meta["pred_emb_dim"]
-    activation_gb = data["batch_size"] * (context_values + predictor_values) * saved_per_token * value_bytes / 1e9
+    accum = opt["grad_accum_steps"]
+    micro_batch = data["batch_size"] // accum
+    activation_gb = {recompute: activation_bytes(micro_batch, recompute, meta, mask, encoder, k_context, k_target) / 1e9
+                     for recompute in (False, True)}
+    checkpointing = meta["activation_checkpointing"]
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = resolve_backend(data["backend"], device)
@@ -72,8 +84,11 @@ def describe(config: dict, device=None) -> str:
         + f", backend {backend}" + (" (auto)" if data["backend"] == "auto" else ""),
         f"  steps          {ipe} per epoch x {opt['epochs']} epochs = {ipe * opt['epochs']} (batch {data['batch_size']} per process)"
         if ipe else f"  steps          unknown until the images are listed (batch {data['batch_size']} per process)",
-        f"  memory         about {state_gb:.1f} GB of weights and optimizer state + {activation_gb:.1f} GB of activations "
-        f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate)",
+        f"  memory         about {state_gb:.1f} GB of weights and optimizer state + {activation_gb[checkpointing]:.1f} GB of activations "
+        f"({'bf16' if meta['use_bfloat16'] else 'fp32'}; a rough estimate; "
+        f"activation checkpointing {'on' if checkpointing else 'off'}, {activation_gb[not checkpointing]:.1f} GB {'off' if checkpointing else 'on'})",
+        f"  micro-batches  {accum} of {micro_batch} images per step (optimization.grad_accum_steps)" if accum > 1
+        else "  micro-batches  none (the whole batch at once; optimization.grad_accum_steps: k runs k smaller ones)",
         f"  device         {device}",
     ]
     if meta["init_weights"]:

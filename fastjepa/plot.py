@@ -3,7 +3,9 @@
 The trainer writes ``{write_tag}_r{rank}.csv`` in its output folder, one row per
 logged step::
 
-    epoch,itr,loss,mask-A,mask-B,time (ms),lr,wd,momentum,img/s
+    epoch,itr,loss,mask-A,mask-B,time (ms),lr,wd,momentum,img/s,target_std,target_rank,pred_rank,pred_cosine
+
+the last four (collapse diagnostics, ``fastjepa.step.diagnose``) only on the steps that measured them.
 
 A resumed run appends to the same file, so an (epoch, itr) pair can appear more
 than once; the later row wins. ``read_log`` parses and de-duplicates such a file,
@@ -24,6 +26,7 @@ import numpy as np
 
 COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s")
 INT_COLUMNS = ("epoch", "itr", "mask-A", "mask-B")
+DIAGNOSTIC_COLUMNS = ("target_std", "target_rank", "pred_rank", "pred_cosine")  # optional; blank on unmeasured steps
 
 
 def find_log(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
@@ -64,7 +67,8 @@ def read_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
     rows. When an (epoch, itr) pair repeats (a resumed run appending to the file), the
     last occurrence is kept; kept rows are then ordered by (epoch, itr), which is the
     file's order for any run and puts stale rows of an abandoned attempt in place.
-    Extra columns are ignored; blank lines are skipped.
+    ``DIAGNOSTIC_COLUMNS`` are read when the header has them (NaN where blank). Other columns
+    are ignored; blank lines are skipped.
     """
     csv_path = pathlib.Path(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -79,7 +83,8 @@ def read_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
                 f"{csv_path} lacks required columns: {', '.join(missing)} "
                 f"(header has: {', '.join(header)})"
             )
-        where = {name: header.index(name) for name in COLUMNS}
+        names = COLUMNS + tuple(name for name in DIAGNOSTIC_COLUMNS if name in header)
+        where = {name: header.index(name) for name in names}
         rows: dict[tuple[int, int], list[float]] = {}
         for cells in reader:
             line = reader.line_num
@@ -90,6 +95,7 @@ def read_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
                     f"{csv_path} line {line}: {len(cells)} fields but the header has {len(header)}"
                 )
             values = [_number(cells[where[name]].strip(), name, csv_path, line) for name in COLUMNS]
+            values += [_number(cells[where[name]].strip() or "nan", name, csv_path, line) for name in names[len(COLUMNS):]]
             key = (int(values[0]), int(values[1]))
             rows.pop(key, None)  # re-insert so the dict's order is that of last occurrences
             rows[key] = values
@@ -100,7 +106,7 @@ def read_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
     table = np.array([values for _, values in ordered], dtype=np.float64)
     log = {
         name: table[:, i].astype(np.int64) if name in INT_COLUMNS else table[:, i]
-        for i, name in enumerate(COLUMNS)
+        for i, name in enumerate(names)
     }
     log["global_step"] = np.arange(len(table), dtype=np.int64)
     return log
@@ -124,13 +130,31 @@ def _epoch_starts(log: dict[str, np.ndarray]) -> np.ndarray:
     return log["global_step"][changes]
 
 
-# Long by nature: four panels drawn in sequence, each a few lines of matplotlib.
+def _plot_diagnostics(ax, log: dict[str, np.ndarray], step: np.ndarray) -> None:
+    """The collapse diagnostics on their measured steps: effective ranks on the left axis, the
+    target std and the prediction-target cosine on the right."""
+    measured = np.isfinite(log["target_rank"])
+    lines = []
+    for name, color in (("target_rank", "tab:red"), ("pred_rank", "tab:pink")):
+        lines += ax.plot(step[measured], log[name][measured], color=color, marker="o", ms=3, label=name.replace("_", " "))
+    ax.set_ylabel("effective rank")
+    ax.set_ylim(bottom=0)
+    right = ax.twinx()
+    for name, color in (("target_std", "tab:brown"), ("pred_cosine", "tab:olive")):
+        lines += right.plot(step[measured], log[name][measured], color=color, ls="--", marker="s", ms=3, label=name.replace("_", " "))
+    right.set_ylabel("std, cosine")
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=8)
+    ax.set_title("collapse diagnostics (collapse drives the target rank to 1 or 0 and the std to 0)")
+
+
+# Long by nature: four or five panels drawn in sequence, each a few lines of matplotlib.
 def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
     """Draw ``out_dir/curves.png`` from ``out_dir``'s ``*_r{rank}.csv`` and return its path.
 
     Four panels over the global step: loss (+ EMA, log scale when all finite losses
     are positive), lr (+ weight decay on a right axis), EMA momentum, and throughput
-    (+ its median). Light vertical lines mark epoch starts.
+    (+ its median); a fifth with the collapse diagnostics when the log has any. Light
+    vertical lines mark epoch starts.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -143,11 +167,15 @@ def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
     n = len(step)
     marker = "o" if n <= 50 else None  # a line through one or a few points is invisible
 
-    fig = Figure(figsize=(10, 11))
+    diagnosed = "target_rank" in log and np.isfinite(log["target_rank"]).any()
+    fig = Figure(figsize=(10, 13.5 if diagnosed else 11))
     # fixed margins: the labels are known, and constrained layout would double the drawing time
-    fig.subplots_adjust(left=0.09, right=0.91, top=0.925, bottom=0.05, hspace=0.28)
+    fig.subplots_adjust(left=0.09, right=0.91, top=0.925 if not diagnosed else 0.94, bottom=0.05, hspace=0.28)
     FigureCanvasAgg(fig)
-    ax_loss, ax_lr, ax_mom, ax_tput = fig.subplots(4, 1, sharex=True)
+    axes = fig.subplots(5 if diagnosed else 4, 1, sharex=True)
+    ax_loss, ax_lr, ax_mom, ax_tput = axes[:4]
+    if diagnosed:
+        _plot_diagnostics(axes[4], log, step)
 
     # loss
     loss = log["loss"]
@@ -201,13 +229,13 @@ def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
         title += f" (median step time {np.nanmedian(np.where(np.isfinite(step_ms), step_ms, np.nan)):,.1f} ms)"
     ax_tput.set_title(title)
     ax_tput.set_ylabel("images / s")
-    ax_tput.set_xlabel("global step (logged rows, after de-duplication)")
-    ax_tput.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    axes[-1].set_xlabel("global step (logged rows, after de-duplication)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     if n == 1:
-        ax_tput.set_xlim(-1, 1)
+        axes[-1].set_xlim(-1, 1)
 
     starts = _epoch_starts(log)
-    for ax in (ax_loss, ax_lr, ax_mom, ax_tput):
+    for ax in axes:
         for x in starts:
             ax.axvline(x - 0.5, color="0.75", lw=0.8, zorder=0)
         ax.grid(True, alpha=0.25)

@@ -15,8 +15,14 @@ import torch
 
 from fastjepa.distributed import broadcast_object, full_state
 from fastjepa.helper import CheckpointError, load_optimizer, save_checkpoint
+from fastjepa.step import DIAGNOSTICS
 
-CSV_COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s")
+CSV_COLUMNS = ("epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "lr", "wd", "momentum", "img/s", *DIAGNOSTICS)
+# A run whose last target diagnostics fall below either is named as collapsing in the summary: an effective rank
+# under 1.5 means the batch's pooled target features lie along one direction (a normal tiny run measures about 4),
+# a std under 1e-4 that they are one point (about 0.3). The predictor's rank starts low and is not judged.
+COLLAPSE_RANK = 1.5
+COLLAPSE_STD = 1e-4
 
 
 @dataclass
@@ -29,6 +35,7 @@ class TrainResult:
     skipped_images: int  # image files left out: failing the header check at start (once), or a decode (each time met)
     nonfinite_steps: int = 0  # steps left out for a NaN or inf loss or gradient (meta.skip_nonfinite)
     preempted: bool = False  # a preemption notice (on any rank) stopped the run after its checkpoint
+    diagnostics: dict | None = None  # the last diagnostics measured (fastjepa.step.DIAGNOSTICS and their "step")
 
 
 # ---------------------------------------------------------------------------- the run folder
@@ -239,6 +246,8 @@ def print_summary(result: TrainResult, elapsed: float) -> None:
         f"done: {result.steps} steps in {elapsed:.0f} s, {result.images_per_second:.1f} img/s",
         f"loss: {head:.4f} (first 10 steps) -> {tail:.4f} (last 10 steps)" if losses else "loss: no step taken",
     ]
+    if result.diagnostics is not None:
+        lines += diagnostics_lines(result.diagnostics)
     if result.nonfinite_steps:
         lines.append(f"steps skipped for a non-finite loss or gradient: {result.nonfinite_steps}")
     if result.skipped_images:
@@ -247,3 +256,19 @@ def print_summary(result: TrainResult, elapsed: float) -> None:
         lines.append(f"checkpoint: {result.latest_checkpoint}")
     lines += [f"output folder: {result.folder}", f"curves: fastjepa plot {result.folder}"]
     print("\n".join(lines))
+
+
+def collapse(diagnostics: dict) -> str | None:
+    """Why these diagnostics say the representations collapsed, or None."""
+    reasons = [f"{name} {diagnostics[name]:.3g} < {limit:g}" for name, limit in
+               (("target_rank", COLLAPSE_RANK), ("target_std", COLLAPSE_STD)) if diagnostics[name] < limit]
+    return "; ".join(reasons) or None
+
+
+def diagnostics_lines(diagnostics: dict) -> list[str]:
+    measured = ", ".join(f"{name} {diagnostics[name]:.4g}" for name in DIAGNOSTICS)
+    lines = [f"diagnostics at step {diagnostics['step']}: {measured}"]
+    reason = collapse(diagnostics)
+    if reason:
+        lines.append(f"COLLAPSE: {reason} (the features no longer tell the images apart; see the README's 'Smaller machines')")
+    return lines

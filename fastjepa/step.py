@@ -5,7 +5,7 @@ target encoder, the non-finite guard). The trainer (``fastjepa.train``) and
 A phase hook, ``phase(name)`` returning a context manager, given to ``train_step`` wraps each
 phase of the step: "target forward", "context forward" and "predictor" (handed to
 ``ContextPredictor.forward``, so that DDP and FSDP2 still wrap one module), "loss", "backward",
-"optimizer" and "ema". The default, ``untimed``, returns one shared ``nullcontext``: unused,
+"optimizer" and "ema" (with gradient accumulation, the first five once per micro-batch). The default, ``untimed``, returns one shared ``nullcontext``: unused,
 the hook costs nothing."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastjepa.distributed import any_rank_tensor, local, unwrap
+from fastjepa.distributed import any_rank_tensor, gradient_sync, local, unwrap
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.ops import ema_update_, gather_tokens
 from fastjepa.utils.masking import PackedMasks, _as_list, stack_masks
@@ -65,11 +65,27 @@ class ContextPredictor(nn.Module):
 def target_tokens(target_encoder, imgs, num_context_masks: int, masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
     """The targets: the target encoder's output after a LayerNorm without affine (eps 1e-5),
     gathered at every target block and repeated once per context mask (mask-major)."""
-    h = target_encoder(imgs)
-    h = F.layer_norm(h, (h.size(-1),))
-    B = len(imgs)
+    return targets_at(target_encoder(imgs), num_context_masks, masks_pred)
+
+
+def targets_at(features: torch.Tensor, num_context_masks: int, masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The target encoder's (B, N, D) output as ``target_tokens`` returns it."""
+    h = F.layer_norm(features, (features.size(-1),))
+    B = len(features)
     target_index = repeat_interleave_batch(stack_masks(masks_pred, B), B, repeat=num_context_masks)
     return gather_tokens(h, target_index.to(h.device))
+
+
+def split_batch(imgs: torch.Tensor, masks_enc, masks_pred, parts: int) -> list[tuple]:
+    """The batch as ``parts`` micro-batches of consecutive samples, ``(imgs, masks_enc,
+    masks_pred)`` each: slices of the images and of every mask (dense or packed), so each
+    micro-batch keeps the batch's mask lengths. Sizes differ by at most one; none is empty."""
+    masks_enc, masks_pred, B = _as_list(masks_enc), _as_list(masks_pred), len(imgs)
+    if parts == 1:
+        return [(imgs, masks_enc, masks_pred)]
+    bounds = [B * i // parts for i in range(parts + 1)]
+    return [(imgs[a:b], [m.select_rows(a, b) if isinstance(m, PackedMasks) else m[a:b] for m in masks_enc], [m[a:b] for m in masks_pred])
+            for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 @torch.no_grad()
@@ -98,6 +114,47 @@ def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | Pa
     with phase("loss"):
         dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under bf16 autocast, fp64 stays fp64
         return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
+
+
+def effective_rank(features: torch.Tensor) -> torch.Tensor:
+    """RankMe (Garrido et al. 2023) of (n, D) features: exp of the entropy of the singular
+    values normalised to sum 1 (plus 1e-7 each, as the paper); 0-d fp32. Between 1 (one shared
+    direction) and min(n, D); 0 for all-zero features, NaN for non-finite ones."""
+    features = features.float()
+    finite = torch.isfinite(features).all()
+    singular = torch.linalg.svdvals(torch.where(finite, features, 0.0))  # the SVD refuses NaN; the result is NaN then
+    total = singular.sum()
+    p = singular / total + 1e-7
+    rank = torch.where(total > 0, torch.exp(-(p * p.log()).sum()), 0.0)  # no host sync
+    return torch.where(finite, rank, float("nan"))
+
+
+DIAGNOSTICS = ("target_std", "target_rank", "pred_rank", "pred_cosine")
+
+
+@torch.no_grad()
+def diagnose(model, target_encoder, imgs, masks_enc, masks_pred, use_bfloat16: bool = False, accum_steps: int = 1) -> dict[str, torch.Tensor]:
+    """Collapse and health diagnostics of the models on one batch, as 0-d fp32 tensors on the
+    device (reading them is the caller's one sync), named as ``DIAGNOSTICS``:
+    target_std, the standard deviation across the batch of the target encoder's
+    average-pooled features (mean over channels; collapse drives it to 0); target_rank and
+    pred_rank, the effective rank (``effective_rank``) of those pooled features and of the
+    predictor's outputs pooled over each row's target tokens; pred_cosine, the mean cosine
+    between each predicted token and its target. Runs the forwards without gradients, in
+    ``accum_steps`` micro-batches as the step does (the context encoder and predictor of
+    ``model``, unwrapped: no collective)."""
+    pooled_targets, pooled_predictions, cosines = [], [], []
+    for micro_imgs, micro_enc, micro_pred in split_batch(imgs, masks_enc, masks_pred, accum_steps):
+        with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+            features = target_encoder(micro_imgs)
+            targets = targets_at(features, len(micro_enc), micro_pred)
+            predictions = unwrap(model)(micro_imgs, micro_enc, micro_pred)
+        pooled_targets.append(features.float().mean(dim=1))
+        pooled_predictions.append(predictions.float().mean(dim=1))
+        cosines.append(F.cosine_similarity(predictions.float(), targets.float(), dim=-1).flatten())
+    pooled_targets = torch.cat(pooled_targets)
+    return {"target_std": pooled_targets.std(dim=0, unbiased=False).mean(), "target_rank": effective_rank(pooled_targets),
+            "pred_rank": effective_rank(torch.cat(pooled_predictions)), "pred_cosine": torch.cat(cosines).mean()}
 
 
 def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +191,7 @@ def train_step(
     target_shadow: Bf16Shadow | None = None,
     check_finite: bool = True,
     phase: PhaseHook = untimed,
+    accum_steps: int = 1,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
     autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
@@ -144,18 +202,26 @@ def train_step(
     target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
     the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
     waits for the optimizer and the EMA. ``phase``: the hook around every phase (see the
-    module docstring); the optimizer's includes the finite check."""
+    module docstring); the optimizer's includes the finite check. ``accum_steps``: the batch
+    runs as that many micro-batches (``split_batch``), each loss scaled by its share of the
+    batch, so the summed gradients and the loss are the whole batch's mean; gradients are
+    reduced across ranks in the last micro-batch's backward only. Then one update."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
-    with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
-        target_forward = target_shadow.module if target_shadow is not None else target_encoder
-        loss = jepa_loss(model, target_forward, imgs, masks_enc, masks_pred, phase)
-    with phase("backward"):
-        loss.backward()
+    target_forward = target_shadow.module if target_shadow is not None else target_encoder
+    micro_batches = split_batch(imgs, masks_enc, masks_pred, accum_steps)
+    losses = []
+    for i, (micro_imgs, micro_enc, micro_pred) in enumerate(micro_batches):
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+                micro_loss = jepa_loss(model, target_forward, micro_imgs, micro_enc, micro_pred, phase) * (len(micro_imgs) / len(imgs))
+            with phase("backward"):
+                micro_loss.backward()
+        losses.append(micro_loss.detach())
     momentum = next(momentum_scheduler)
-    loss, loss_value = loss.detach(), None
+    loss, loss_value = torch.stack(losses).sum(), None
     with phase("optimizer"):
         if check_finite:
             grads = [local(p.grad) for p in model.parameters() if p.grad is not None]

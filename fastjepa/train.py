@@ -33,7 +33,7 @@ from fastjepa.run import (
     run_folder,
     tensorboard,
 )
-from fastjepa.step import ContextPredictor, train_step
+from fastjepa.step import DIAGNOSTICS, ContextPredictor, diagnose, train_step
 from fastjepa.utils.masking import PackedMasks
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.weights import EncoderShape, init_encoder
@@ -122,6 +122,7 @@ class Progress:
     saved: Path | None = None  # the last checkpoint written
     nonfinite_steps: int = 0
     preempted: bool = False  # agreed by every rank: a notice reached any of them
+    diagnostics: dict | None = None  # the last diagnostics measured, with their step
 
 
 def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_preempt: bool) -> Run:
@@ -140,10 +141,12 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
         init_encoder(encoder, meta["init_weights"], EncoderShape(meta["model_name"], mask["patch_size"], data["crop_size"]))
         say(f"encoder and target encoder from {meta['init_weights']}; the predictor starts fresh")
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    encoder.grad_checkpointing = predictor.grad_checkpointing = meta["activation_checkpointing"]
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:  # into the whole models, before DDP or FSDP2 take them
         load_models(checkpoint, checkpoint_path, encoder, predictor, target_encoder)
-    model = wrap(ContextPredictor(encoder, predictor, meta["shared_context_predictor"]), target_encoder, meta, device)
+    model = wrap(ContextPredictor(encoder, predictor, meta["shared_context_predictor"]), target_encoder, meta, device,
+                 accumulating=opt_cfg["grad_accum_steps"] > 1)
     optimizer, _, lr_scheduler, wd_scheduler = init_opt(
         encoder, predictor, ipe, opt_cfg["start_lr"], opt_cfg["lr"], opt_cfg["warmup"], opt_cfg["epochs"],
         opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], meta["use_bfloat16"], opt_cfg["ipe_scale"])
@@ -217,7 +220,7 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
                 f"with the checkpoint {run.checkpoints.latest}; continue with --resume auto (or resume='auto')")
     elapsed = time.perf_counter() - started
     result = TrainResult(run.folder, len(counts.losses), counts.losses, counts.saved, counts.images_seen / elapsed if elapsed > 0 else 0.0,
-                         counts.skipped, counts.nonfinite_steps, counts.preempted)
+                         counts.skipped, counts.nonfinite_steps, counts.preempted, counts.diagnostics)
     if is_main:
         print_summary(result, elapsed)
     return result
@@ -228,6 +231,8 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
     """Steps first_itr .. of ``epoch``: its losses when it ran to its end, None when it stopped
     early (max_steps, after its checkpoint, or a preemption notice, with its checkpoint)."""
     meta, ipe, device = run.config["meta"], run.loader.steps_per_epoch, run.device
+    accum_steps = run.config["optimization"]["grad_accum_steps"]
+    every = diagnostics_interval(run.config["logging"]["diagnostics_every"], ipe)
     epoch_losses = []
     tick = time.perf_counter()
     # images normalised on the device; masks drawn one step ahead, seeded by (seed, step, rank)
@@ -242,7 +247,12 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
             continue
         with profiler.step(counts.step):
             result = train_step(run.model, run.target_encoder, run.optimizer, *run.schedulers, images, masks_enc, masks_pred,
-                                meta["use_bfloat16"], run.target_shadow)
+                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps)
+        diagnostics = None
+        if every and (counts.step + 1) % every == 0 and result.nonfinite is None:  # after this step's update; one sync
+            measured = diagnose(run.model, run.target_encoder, images, masks_enc, masks_pred, meta["use_bfloat16"], accum_steps)
+            diagnostics = dict(zip(DIAGNOSTICS, torch.stack(list(measured.values())).tolist()))
+            counts.diagnostics = {"step": counts.step + 1, **diagnostics}
         now = time.perf_counter()
         step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
         tick = now
@@ -257,9 +267,11 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
         else:
             loss = result.loss_value  # read before the optimizer step: the host runs ahead into the next step
             log.row(epoch + 1, itr, f"{loss:.5f}", context_length(masks_enc[0]), masks_pred[0].shape[1], f"{step_ms:.1f}",
-                    f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}")
+                    f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}",
+                    *(f"{diagnostics[name]:.6g}" if diagnostics else "" for name in DIAGNOSTICS))
             if board is not None:
-                for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput)):
+                for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput),
+                                    *((f"diagnostics/{name}", value) for name, value in (diagnostics or {}).items())):
                     board.add_scalar(name, value, counts.step)
             counts.losses.append(loss)
             epoch_losses.append(loss)
@@ -274,6 +286,11 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
         if stop:
             return None
     return epoch_losses
+
+
+def diagnostics_interval(diagnostics_every: int | None, ipe: int) -> int:
+    """Steps between diagnostics: ``logging.diagnostics_every``, or by default 4 per epoch (0: never)."""
+    return max(1, ipe // 4) if diagnostics_every is None else diagnostics_every
 
 
 def mid_epoch_checkpoint(step: int, itr: int, ipe: int, total_steps: int, checkpoint_every: int | None) -> tuple[bool, bool]:

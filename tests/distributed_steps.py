@@ -3,7 +3,7 @@ tests/test_distributed.py in one process (the whole batch) or under torchrun (ea
 its slice, under DDP or FSDP2). Rank 0 saves the losses (averaged over the ranks) and the
 whole state (weights, target, optimizer moments) with ``torch.save``.
 
-    torchrun --nproc-per-node 2 tests/distributed_steps.py OUT.pt --sharding fsdp
+    torchrun --nproc-per-node 2 tests/distributed_steps.py OUT.pt --sharding fsdp [--accum 2]
 """
 
 import argparse
@@ -41,15 +41,16 @@ def global_batch(step: int, size: int):
     return images, masks_enc, masks_pred
 
 
-def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = "float32") -> dict:
-    """``steps`` steps over a global batch of ``batch`` images, this rank taking its slice."""
+def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = "float32", accum_steps: int = 1) -> dict:
+    """``steps`` steps over a global batch of ``batch`` images, this rank taking its slice in
+    ``accum_steps`` micro-batches."""
     device, started = setup("cpu")
     cfg = config(sharding, grad_reduce_dtype)
     meta, opt = cfg["meta"], cfg["optimization"]
     torch.manual_seed(0)
     encoder, predictor = init_model(device, PATCH, meta["model_name"], CROP, meta["pred_depth"], meta["pred_emb_dim"])
     target = copy.deepcopy(encoder).requires_grad_(False)
-    model = wrap(ContextPredictor(encoder, predictor), target, meta, device)
+    model = wrap(ContextPredictor(encoder, predictor), target, meta, device, accumulating=accum_steps > 1)
     optimizer, _, lr_schedule, wd_schedule = init_opt(encoder, predictor, SCHEDULE_STEPS, opt["start_lr"], opt["lr"], opt["warmup"], 1,
                                                       opt["weight_decay"], opt["final_weight_decay"], opt["final_lr"], False, 1.0)
     momentum = momentum_schedule(opt["ema"], SCHEDULE_STEPS, 1, 1.0)
@@ -59,7 +60,7 @@ def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = 
     for step in range(steps):
         images, masks_enc, masks_pred = global_batch(step, batch)
         result = train_step(model, target, optimizer, lr_schedule, wd_schedule, momentum,
-                            images[rows], [m[rows] for m in masks_enc], [m[rows] for m in masks_pred])
+                            images[rows], [m[rows] for m in masks_enc], [m[rows] for m in masks_pred], accum_steps=accum_steps)
         assert result.nonfinite is None, result.nonfinite
         loss = result.loss.clone()
         if world_size() > 1:  # every rank's loss is a mean over the same number of elements
@@ -81,8 +82,9 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sharding", default="ddp")
     parser.add_argument("--grad-reduce-dtype", default="float32")
+    parser.add_argument("--accum", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = run(args.steps, args.batch, args.sharding, args.grad_reduce_dtype)
+    result = run(args.steps, args.batch, args.sharding, args.grad_reduce_dtype, args.accum)
     if result["rank"] == 0:
         torch.save(result, args.out)

@@ -126,7 +126,7 @@ CLI_CASES = [
     ("plot-missing", lambda p: ["plot", p.missing], 1, r"run folder not found: .*missing"),
     ("plot-no-log", lambda p: ["plot", p.empty], 1, r"no training log '\*_r0\.csv'"),
     ("eval-unknown-method", lambda p: ["eval", "svm", "--checkpoint", p.checkpoint], 2, r"invalid choice: 'svm'"),
-    ("eval-no-checkpoint", lambda p: ["eval", "knn"], 2, r"required: --checkpoint"),
+    ("eval-no-checkpoint", lambda p: ["eval", "knn"], 2, r"one of the arguments --checkpoint --weights is required"),
     ("eval-k-0", lambda p: ["eval", "knn", "--checkpoint", p.checkpoint, "--k", "0"], 2, r"argument --k: must be >= 1, got 0"),
     ("eval-missing-checkpoint", lambda p: ["eval", "knn", "--checkpoint", p.missing], 1, r"checkpoint not found: .*missing"),
     ("eval-data-without-splits", lambda p: ["eval", "knn", "--checkpoint", p.checkpoint, "--data", p.empty], 1,

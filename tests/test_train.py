@@ -288,12 +288,12 @@ def _nan_images_at(call: int, monkeypatch):
 
     real_step, calls = train_module.train_step, []
 
-    def step(model, target, optimizer, lr, wd, momentum, images, *rest):
+    def step(model, target, optimizer, lr, wd, momentum, images, *rest, **options):
         calls.append(1)
         if len(calls) - 1 == call:
             images = images.clone()
             images[0, 0, 0, 0] = float("nan")
-        return real_step(model, target, optimizer, lr, wd, momentum, images, *rest)
+        return real_step(model, target, optimizer, lr, wd, momentum, images, *rest, **options)
 
     monkeypatch.setattr(train_module, "train_step", step)
 
@@ -325,8 +325,8 @@ def test_nonfinite_weights_are_never_written_to_a_checkpoint(tmp_path, monkeypat
 
     real_step, calls = train_module.train_step, []
 
-    def step_then_poison(model, target, *rest):
-        result = real_step(model, target, *rest)
+    def step_then_poison(model, target, *rest, **options):
+        result = real_step(model, target, *rest, **options)
         calls.append(1)
         if len(calls) == 1:  # the run's last step: its loss stays finite, only the save can see the target
             next(target.parameters()).data[0] = float("inf")

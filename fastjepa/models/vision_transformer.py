@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fastjepa.ops import gather_tokens, pos_tokens, shared_context_attention, varlen_attention
 from fastjepa.utils.masking import PackedMasks, _as_list, concat_packed, is_packed, stack_masks
@@ -188,6 +189,14 @@ def _image_side(img_size) -> int:
     return side
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
+    """``x`` through each block in turn. ``recompute`` (activation checkpointing, when gradients
+    are on): each block keeps only its input and runs again in the backward (non-reentrant)."""
+    for block in blocks:
+        x = checkpoint(block, x, *args, use_reentrant=False) if recompute and torch.is_grad_enabled() else block(x, *args)
+    return x
+
+
 def _init_weights(module: nn.Module, std: float) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         trunc_normal_(module.weight, std=std)
@@ -264,6 +273,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = False  # meta.activation_checkpointing: see run_blocks
         self.apply(partial(_init_weights, std=init_std))
         _rescale_residual_projections(self.blocks)
 
@@ -286,16 +296,12 @@ class VisionTransformer(nn.Module):
         if masks is not None and is_packed(masks):
             packed = concat_packed(masks, len(x)).to(x.device)
             x = gather_tokens(x, packed.index, pos, packed.cu_seqlens)  # (T, D)
-            for block in self.blocks:
-                x = block(x, packed.cu_seqlens, packed.max_len)
-            return self.norm(x)
+            return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, packed.cu_seqlens, packed.max_len))
         if masks is None:
             x = x + pos
         else:  # the reference adds pos to every token, then gathers: the same values, fused
             x = gather_tokens(x, stack_masks(masks, len(x)).to(x.device), pos)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
 
 class VisionTransformerPredictor(nn.Module):
@@ -357,6 +363,7 @@ class VisionTransformerPredictor(nn.Module):
             for i in range(depth)
         )
         self.predictor_norm = norm_layer(predictor_embed_dim)
+        self.grad_checkpointing = False  # meta.activation_checkpointing: see run_blocks
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         trunc_normal_(self.mask_token, std=init_std)
         self.apply(partial(_init_weights, std=init_std))
@@ -379,9 +386,7 @@ class VisionTransformerPredictor(nn.Module):
         pred_tokens = pos_tokens(self.mask_token.view(-1), target_index, pos_table)
 
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
-        for block in self.predictor_blocks:
-            x = block(x)
-        x = self.predictor_norm(x)
+        x = self.predictor_norm(run_blocks(self.predictor_blocks, x, self.grad_checkpointing))
         return self.predictor_proj(x[:, n_context:])
 
     def _forward_packed(self, x, masks_x, masks, shared_context: bool):
@@ -410,8 +415,7 @@ class VisionTransformerPredictor(nn.Module):
 
         layout = _predictor_layout(context, M, K, shared_context)
         tokens = torch.cat([x, pred_tokens.flatten(0, 1)])[layout.source]  # the packed sequences
-        for block in self.predictor_blocks:
-            tokens = block(tokens, layout.cu_seqlens, layout.max_seqlen, layout.offsets)
+        tokens = run_blocks(self.predictor_blocks, tokens, self.grad_checkpointing, layout.cu_seqlens, layout.max_seqlen, layout.offsets)
         out = tokens[layout.targets]  # (M * R, K, D'): the mask tokens, mask-major
         return self.predictor_proj(self.predictor_norm(out))
 

@@ -68,6 +68,14 @@ class PackedMasks:
         return PackedMasks(self.index.to(device, non_blocking=non_blocking), self.cu_seqlens.to(device, non_blocking=non_blocking),
                            self.max_len, self.lengths)
 
+    def select_rows(self, start: int, stop: int) -> "PackedMasks":
+        """Rows start .. stop - 1 (a slice of ``index``; offsets on the device, shifted by host-known totals)."""
+        if not 0 <= start < stop <= self.rows:
+            raise ValueError(f"PackedMasks.select_rows: need 0 <= start < stop <= {self.rows}, got {start}, {stop}")
+        first, last = sum(self.lengths[:start]), sum(self.lengths[:stop])
+        lengths = self.lengths[start:stop]
+        return PackedMasks(self.index[first:last], self.cu_seqlens[start:stop + 1] - first, max(lengths), lengths)
+
     def split(self) -> list[torch.Tensor]:
         """Each row's token ids (views of ``index``)."""
         return list(self.index.split(self.lengths))
