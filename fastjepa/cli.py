@@ -16,9 +16,9 @@ class UsageError(Exception):
 
 
 def _config_from_args(args) -> dict:
-    from fastjepa.config import apply_override, load_yaml, tiny_preset
+    from fastjepa.config import apply_override, config_path, load_yaml, tiny_preset
 
-    config = load_yaml(args.config) if args.config else tiny_preset()
+    config = load_yaml(config_path(args.config)) if args.config else tiny_preset()
     for assignment in args.set:
         apply_override(config, assignment)
     return config
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # what train and submit share: the config, the run folder and the run's length
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--config", metavar="PATH", help="a YAML config in the reference's format (its published configs work unchanged)")
+    run.add_argument("--config", metavar="PATH|NAME", help="a YAML config in the reference's format (its published configs work unchanged), "
+                                                         "or a shipped recipe by name: vit_s16_in1k, vit_b16_in1k, vit_b16_in1k_1gpu")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
     run.add_argument("--out", metavar="DIR", help="output folder (default: logging.folder, else a new folder here; submit needs one)")
     run.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
