@@ -169,13 +169,14 @@ class Step:
     """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
 
     def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep, seed=0,
-                 reference_src=None, data=None):
-        self.mode, self.device, self.batch, self.data = mode, device, batch, data
+                 reference_src=None, data=None, accum_steps=1, activation_checkpointing=False):
+        self.mode, self.device, self.batch, self.data, self.accum_steps = mode, device, batch, data, accum_steps
         torch.manual_seed(seed)
         self.source = _import_reference(reference_src) if mode == REFERENCE_SRC_MODE else None
         build = self.source["init_model"] if self.source else init_model
         self.encoder, self.predictor = build(device, patch, model, crop, pred_depth, pred_emb_dim)
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.encoder.grad_checkpointing = self.predictor.grad_checkpointing = activation_checkpointing  # as meta.activation_checkpointing
         self.optimizer, _, self.lr_schedule, self.wd_schedule = init_opt(
             self.encoder, self.predictor, iterations_per_epoch=1000, start_lr=1e-4, ref_lr=1e-3, warmup=1, num_epochs=10,
             wd=0.04, final_wd=0.4)
@@ -209,7 +210,8 @@ class Step:
             loss = self.reference_step(phase, imgs, masks_enc, masks_pred)
         else:
             result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
-                                imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase)
+                                imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase,
+                                accum_steps=self.accum_steps)
             if result.nonfinite:
                 raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {self.step_index}")
             loss = result.loss
@@ -323,8 +325,10 @@ def bench(name, spec, mode, device, args) -> dict:
         folder = generated_images(args.images, args.quick, args.images_dir)
         data = LoaderBatches(args.data, folder, crop, patch, batch, min_keep, mode == "ragged", args.workers, device)
     compile_mode = "reduce-overhead" if args.cuda_graphs else ("default" if args.compile else None)
+    reference = mode in ("reference-eager", REFERENCE_SRC_MODE)  # the reference has neither switch
+    accum_steps, checkpointing = (1, False) if reference else (args.grad_accum, args.activation_checkpointing)
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep,
-                reference_src=args.reference_src, data=data)
+                reference_src=args.reference_src, data=data, accum_steps=accum_steps, activation_checkpointing=checkpointing)
     off, on = untimed, PhaseTimer(device)
     for _ in range(args.warmup):
         step.run(off)
@@ -348,7 +352,7 @@ def bench(name, spec, mode, device, args) -> dict:
     images_per_s = batch * 1e3 / step_ms
     row = {
         "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs,
-        "cuda_graphs": args.cuda_graphs, "quick": args.quick,
+        "cuda_graphs": args.cuda_graphs, "quick": args.quick, "grad_accum_steps": accum_steps, "activation_checkpointing": checkpointing,
         "step_ms": step_ms, "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),
@@ -366,14 +370,16 @@ def _mean_target_tokens(sampler, draws: int = 20) -> float:
 
 
 def print_table(rows):
-    header = f"{'model':<18}{'mode':<17}{'batch':>6}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ctx K':>7}{'GiB':>7}  phases (ms)"
+    header = f"{'model':<18}{'mode':<24}{'batch':>6}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ctx K':>7}{'GiB':>7}  phases (ms)"
     print(header)
     print("-" * len(header))
     for r in rows:
         phases = " ".join(f"{k.split()[0]}={v:.1f}" for k, v in r["phase_ms"].items())
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
         gib = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""
-        print(f"{r['model']:<18}{r['mode']:<17}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}"
+        switches = "".join([f" accum={r['grad_accum_steps']}" if r["grad_accum_steps"] > 1 else "",
+                            " ckpt" if r["activation_checkpointing"] else ""])
+        print(f"{r['model']:<18}{r['mode'] + switches:<24}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}"
               f"{r['achieved_tflop_s']:>9.2f}{mfu:>7}{r['mean_context_tokens']:>7.1f}{gib:>7}  {phases}")
 
 
@@ -389,6 +395,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, predictor and target (fastjepa modes)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="torch.compile with CUDA graph trees (mode reduce-overhead; fastjepa modes; a GPU)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                        help="fastjepa modes: the batch as K micro-batches (optimization.grad_accum_steps); peak memory falls")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="fastjepa modes: recompute the blocks in the backward (meta.activation_checkpointing)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 matmul ceiling for MFU (default: measured here on a GPU, none on the CPU)")
     parser.add_argument("--reference-src", metavar="DIR", default=None,
@@ -405,6 +415,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     catalogue = QUICK_MODELS if args.quick else MODELS
     names = args.models.split(",") if args.models else list(catalogue)
     modes = args.modes.split(",") + ([REFERENCE_SRC_MODE] if args.reference_src else [])
+    if args.grad_accum < 1:
+        parser.error(f"--grad-accum must be >= 1, got {args.grad_accum}")
     for name in names:
         if name not in catalogue:
             parser.error(f"unknown model {name!r}: choose from {', '.join(catalogue)}")

@@ -82,15 +82,18 @@ row = {"bench": "gpu_tests", **{k: int(suite.get(k, 0)) for k in ("tests", "fail
 open(sys.argv[2], "a").write(json.dumps(row) + "\n")
 print(row)
 PY
-stage kernels 60 $PYTHON benchmarks/bench_kernels.py --ops gather,ema,adamw_ema --results "$RESULTS"
+stage kernels 50 $PYTHON benchmarks/bench_kernels.py --ops gather,ema,adamw_ema --results "$RESULTS"
 # The standalone CUDA benchmarks (csrc/bench/, no Python), one line each.
-stage cuda-benches 40 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD_PYTHON_MODULE=OFF > /dev/null &&
+stage cuda-benches 30 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD_PYTHON_MODULE=OFF > /dev/null &&
     cmake --build build/cuda-benches --parallel "$(nproc)" &&
     for bench in bench_ema bench_adamw_ema bench_gather; do build/cuda-benches/$bench --iters 10 || exit 1; done'
 stage attention 40 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
 stage data 30 $PYTHON benchmarks/bench_data.py --images 400 --batch-size 128 --workers 8 --epochs 3 --results "$RESULTS"
 stage step 40 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
 # The same step fed by the loader over generated JPEGs: the data wait per step (torchvision: the H200 has no DALI).
+# peak memory of the trained step with both memory switches (README "Smaller machines"); the step stage's row is without them
+stage step-memory 20 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --steps 2 --warmup 1 --grad-accum 4 \
+    --activation-checkpointing --results "$RESULTS"
 stage step-data 25 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --data torchvision --images 384 \
     --steps 6 --warmup 2 --results "$RESULTS"
 stage report 5 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md' && $PYTHON benchmarks/report.py --readme README.md"
