@@ -27,11 +27,12 @@ from fastjepa.models.vision_transformer import VIT_SHAPES
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # bool | int | float | str | path | pair
+    kind: str  # bool | int | float | str | path | pair | choice (one of ``choices``: bools and strings)
     default: Any
     check: Callable[[Any], bool] | None = None
     allowed: str = ""  # said when ``check`` fails
     optional: bool = False  # None is allowed
+    choices: tuple = ()  # kind "choice": the values allowed, compared with their type (true is not 1)
 
 
 def _positive(x):
@@ -68,7 +69,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "logging": {
         "folder": Key("path", None, None, optional=True),
-        # collapse and health diagnostics every N steps (null: 4 per epoch; 0: never); see fastjepa.step.diagnose
+        # collapse and health diagnostics every N steps (null: 4 per epoch, at least 10 steps apart; 0: never); see fastjepa.step.diagnose
         "diagnostics_every": Key("int", None, _non_negative, ">= 0 steps (0 turns them off)", optional=True),
         "write_tag": Key("str", "jepa", lambda s: s != "" and os.sep not in s, "a non-empty name without path separators"),
     },
@@ -86,6 +87,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "meta": {
         "activation_checkpointing": Key("bool", False),  # recompute the encoder's and predictor's blocks in the backward
+        # torch.compile of the encoder's, predictor's and target's blocks, the token dimension dynamic (fastjepa.models.compile_blocks)
+        "compile": Key("choice", False, choices=(False, True, "max-autotune")),
         "copy_data": Key("bool", False, lambda v: v is False, "false (copying ImageNet to node-local scratch is not supported)"),
         # DDP all-reduce bucket: 100 MB keeps ViT-H's ~2.5 GB of fp32 gradients in ~25 NCCL calls large enough
         # for full bus bandwidth while the last (exposed) bucket stays short; not yet measured on a cluster
@@ -108,6 +111,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epochs": Key("int", 300, _positive, ">= 1"),
         "final_lr": Key("float", 1.0e-6, _non_negative, ">= 0"),
         "final_weight_decay": Key("float", 0.4, _non_negative, ">= 0"),
+        # AdamW and the target's EMA as one adamw_ema_ pass (auto: on a GPU with the CUDA extension); the same math
+        "fused_optimizer_ema": Key("choice", "auto", choices=("auto", True, False)),
         # micro-batches per optimizer step: data.batch_size stays the step's batch, accumulation changes memory only
         "grad_accum_steps": Key("int", 1, _positive, ">= 1 (micro-batches per step)"),
         "ipe_scale": Key("float", 1.0, _positive, "> 0"),
@@ -134,6 +139,10 @@ def _typed(name: str, key: Key, value):
         value = float(value) if ok else value
     elif kind in ("str", "path"):
         ok = isinstance(value, str)
+    elif kind == "choice":
+        if not any(type(value) is type(choice) and value == choice for choice in key.choices):
+            raise ConfigError(f"{name} must be one of {', '.join(_yaml_word(c) for c in key.choices)}, got {value!r}")
+        return value
     else:  # pair
         ok = (
             isinstance(value, (list, tuple))
@@ -148,6 +157,10 @@ def _typed(name: str, key: Key, value):
     if key.check is not None and not key.check(value):
         raise ConfigError(f"{name} must be {key.allowed}, got {value!r}")
     return value
+
+
+def _yaml_word(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate(config: dict) -> dict:

@@ -42,7 +42,7 @@ def activation_bytes(images: int, recompute: bool, meta: dict, mask: dict, encod
 
 
 def describe(config: dict, device=None) -> str:
-    from fastjepa.train import data_root
+    from fastjepa.train import data_root, fused_optimizer_ema
 
     data, mask, meta, opt = config["data"], config["mask"], config["meta"], config["optimization"]
     with torch.device("meta"):
@@ -89,6 +89,10 @@ def describe(config: dict, device=None) -> str:
         f"activation checkpointing {'on' if checkpointing else 'off'}, {activation_gb[not checkpointing]:.1f} GB {'off' if checkpointing else 'on'})",
         f"  micro-batches  {accum} of {micro_batch} images per step (optimization.grad_accum_steps)" if accum > 1
         else "  micro-batches  none (the whole batch at once; optimization.grad_accum_steps: k runs k smaller ones)",
+        "  compile        " + (f"the encoder's, predictor's and target's blocks (torch.compile, mode "
+                                 f"{'default' if meta['compile'] is True else meta['compile']}, token dimension dynamic)"
+                                 if meta["compile"] else "off (meta.compile)"),
+        f"  optimizer      {fused_optimizer_ema(opt['fused_optimizer_ema'], device)[1]}",
         f"  device         {device}",
     ]
     if meta["init_weights"]:

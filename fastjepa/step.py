@@ -20,7 +20,7 @@ from torch import nn
 
 from fastjepa.distributed import any_rank_tensor, gradient_sync, local, unwrap
 from fastjepa.models.shadow import Bf16Shadow
-from fastjepa.ops import ema_update_, gather_tokens
+from fastjepa.ops import adamw_ema_, ema_update_, gather_tokens
 from fastjepa.utils.masking import PackedMasks, _as_list, stack_masks
 from fastjepa.utils.tensors import repeat_interleave_batch
 
@@ -116,6 +116,60 @@ def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | Pa
         return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
 
 
+@torch.no_grad()
+def fused_update_(optimizer: torch.optim.AdamW, encoder: nn.Module, target_encoder, momentum: float,
+                  target_shadow: Bf16Shadow | None = None) -> None:
+    """``optimizer.step()`` then ``update_target(...)`` as ``adamw_ema_`` passes
+    (``optimization.fused_optimizer_ema``): the encoder's parameters with their targets (and
+    bf16 shadows), the predictor's without; a parameter without a gradient only follows the
+    EMA. The state stays AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, made as
+    AdamW makes them), with every group's current lr and weight decay; under FSDP2, the
+    local shards. AdamW's per-parameter steps are equal here (every trained parameter has a
+    gradient at every step), so each pass counts with its first parameter's and the others follow."""
+    groups = optimizer.param_groups
+    if any(g["amsgrad"] or g["maximize"] or g["betas"] != groups[0]["betas"] or g["eps"] != groups[0]["eps"] for g in groups):
+        raise ValueError("fused_optimizer_ema: needs AdamW without amsgrad or maximize, with one betas and eps for every group")
+    group_of = {p: i for i, group in enumerate(groups) for p in group["params"]}
+    device = local(next(iter(group_of))).device
+    lr = torch.tensor([g["lr"] for g in groups], dtype=torch.float64).to(device, non_blocking=True)  # the torch backend computes in fp64, as AdamW
+    wd = torch.tensor([g["weight_decay"] for g in groups], dtype=torch.float64).to(device, non_blocking=True)
+    if target_shadow is not None:
+        (targets, onlines, shadows), (shared_targets, shared_onlines) = target_shadow.shadowed, target_shadow.shared
+        passes = [(onlines, targets, shadows), (shared_onlines, shared_targets, [])]
+    else:
+        passes = [(list(encoder.parameters()), list(target_encoder.parameters()), [])]
+    in_encoder = set(encoder.parameters())
+    passes.append(([p for p in group_of if p not in in_encoder], [], []))
+    for params, targets, shadows in passes:
+        trained = [i for i, p in enumerate(params) if p.grad is not None]
+        followed = [i for i, p in enumerate(params) if p.grad is None and targets]
+        if followed:
+            ema_update_([local(targets[i]) for i in followed], [local(params[i]) for i in followed], momentum,
+                        [shadows[i] for i in followed] if shadows else ())
+        if not trained:
+            continue
+        states = [_adamw_state(optimizer, params[i]) for i in trained]
+        adamw_ema_([local(params[i]) for i in trained], [local(params[i].grad) for i in trained], [local(s["exp_avg"]) for s in states],
+                   [local(s["exp_avg_sq"]) for s in states], states[0]["step"], lr, wd, [group_of[params[i]] for i in trained],
+                   betas=groups[0]["betas"], eps=groups[0]["eps"], targets=[local(targets[i]) for i in trained] if targets else (),
+                   momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else ())
+        if len(states) > 1:
+            torch._foreach_add_([s["step"] for s in states[1:]], 1.0)
+
+
+def _adamw_state(optimizer: torch.optim.AdamW, param: torch.Tensor) -> dict:
+    """AdamW's state of ``param``, made as AdamW makes it on its first step (zero moments, a
+    float32 step), with the step on the parameter's device (``adamw_ema_`` reads it there)."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local(param).device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    elif state["step"].device != local(param).device:
+        state["step"] = state["step"].to(local(param).device)
+    return state
+
+
 def effective_rank(features: torch.Tensor) -> torch.Tensor:
     """RankMe (Garrido et al. 2023) of (n, D) features: exp of the entropy of the singular
     values normalised to sum 1 (plus 1e-7 each, as the paper); 0-d fp32. Between 1 (one shared
@@ -142,16 +196,18 @@ def diagnose(model, target_encoder, imgs, masks_enc, masks_pred, use_bfloat16: b
     predictor's outputs pooled over each row's target tokens; pred_cosine, the mean cosine
     between each predicted token and its target. Runs the forwards without gradients, in
     ``accum_steps`` micro-batches as the step does (the context encoder and predictor of
-    ``model``, unwrapped: no collective)."""
+    ``model``, unwrapped: no collective), eagerly even when the blocks are compiled (no
+    graph is compiled for these rare gradient-free forwards)."""
     pooled_targets, pooled_predictions, cosines = [], [], []
-    for micro_imgs, micro_enc, micro_pred in split_batch(imgs, masks_enc, masks_pred, accum_steps):
-        with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
-            features = target_encoder(micro_imgs)
-            targets = targets_at(features, len(micro_enc), micro_pred)
-            predictions = unwrap(model)(micro_imgs, micro_enc, micro_pred)
-        pooled_targets.append(features.float().mean(dim=1))
-        pooled_predictions.append(predictions.float().mean(dim=1))
-        cosines.append(F.cosine_similarity(predictions.float(), targets.float(), dim=-1).flatten())
+    with torch.compiler.set_stance("force_eager"):
+        for micro_imgs, micro_enc, micro_pred in split_batch(imgs, masks_enc, masks_pred, accum_steps):
+            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+                features = target_encoder(micro_imgs)
+                targets = targets_at(features, len(micro_enc), micro_pred)
+                predictions = unwrap(model)(micro_imgs, micro_enc, micro_pred)
+            pooled_targets.append(features.float().mean(dim=1))
+            pooled_predictions.append(predictions.float().mean(dim=1))
+            cosines.append(F.cosine_similarity(predictions.float(), targets.float(), dim=-1).flatten())
     pooled_targets = torch.cat(pooled_targets)
     return {"target_std": pooled_targets.std(dim=0, unbiased=False).mean(), "target_rank": effective_rank(pooled_targets),
             "pred_rank": effective_rank(torch.cat(pooled_predictions)), "pred_cosine": torch.cat(cosines).mean()}
@@ -192,6 +248,7 @@ def train_step(
     check_finite: bool = True,
     phase: PhaseHook = untimed,
     accum_steps: int = 1,
+    fused_optimizer_ema: bool = False,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
     autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
@@ -205,7 +262,9 @@ def train_step(
     module docstring); the optimizer's includes the finite check. ``accum_steps``: the batch
     runs as that many micro-batches (``split_batch``), each loss scaled by its share of the
     batch, so the summed gradients and the loss are the whole batch's mean; gradients are
-    reduced across ranks in the last micro-batch's backward only. Then one update."""
+    reduced across ranks in the last micro-batch's backward only. Then one update.
+    ``fused_optimizer_ema``: the update and the EMA as ``fused_update_`` (one pass per
+    parameter set, in the "optimizer" phase), the same math."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
@@ -230,8 +289,12 @@ def train_step(
                 what = describe_nonfinite(loss, model)
                 optimizer.zero_grad(set_to_none=True)
                 return StepResult(loss, lr, wd, momentum, loss_value, what)
-        optimizer.step()
+        if fused_optimizer_ema:
+            fused_update_(optimizer, unwrap(model).encoder, target_encoder, momentum, target_shadow)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with phase("ema"):
-        update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
+    if not fused_optimizer_ema:
+        with phase("ema"):
+            update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
     return StepResult(loss, lr, wd, momentum, loss_value)

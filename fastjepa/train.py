@@ -20,6 +20,8 @@ from fastjepa.data.base import ImageLoader
 from fastjepa.distributed import all_gather_object, any_rank, rank, setup, teardown, world_size, wrap
 from fastjepa.helper import init_model, init_opt, load_models, read_checkpoint
 from fastjepa.models.shadow import Bf16Shadow
+from fastjepa.models.vision_transformer import compile_blocks
+from fastjepa.ops.backend import device_problem
 from fastjepa.profiling import StepProfiler
 from fastjepa.run import (
     CSV_COLUMNS,
@@ -50,6 +52,9 @@ def context_length(mask: torch.Tensor | PackedMasks) -> int:
     if isinstance(mask, PackedMasks):
         return round(sum(mask.lengths) / mask.rows)
     return mask.shape[1]
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for meta.compile (the CPU tests use "aot_eager")
 
 
 def say(message: str) -> None:
@@ -109,6 +114,7 @@ class Run:
     checkpoints: Checkpointer
     start_epoch: int
     start_itr: int
+    fused_optimizer_ema: bool = False  # optimization.fused_optimizer_ema, resolved for this device
 
 
 @dataclass
@@ -145,6 +151,9 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:  # into the whole models, before DDP or FSDP2 take them
         load_models(checkpoint, checkpoint_path, encoder, predictor, target_encoder)
+    if meta["compile"]:  # before DDP wraps the modules (PyTorch's advice), after the target's copy
+        for module in (encoder, predictor):
+            compile_blocks(module, meta["compile"], COMPILE_BACKEND)
     model = wrap(ContextPredictor(encoder, predictor, meta["shared_context_predictor"]), target_encoder, meta, device,
                  accumulating=opt_cfg["grad_accum_steps"] > 1)
     optimizer, _, lr_scheduler, wd_scheduler = init_opt(
@@ -160,9 +169,25 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     # bf16 copies of the target's matmul weights for its forwards, refreshed by the EMA (whole tensors only: not under FSDP2)
     sharded = world_size() > 1 and meta["sharding"] == "fsdp"
     target_shadow = Bf16Shadow(target_encoder, encoder) if meta["use_bfloat16"] and not sharded else None
+    if meta["compile"]:
+        compile_blocks(target_shadow.module if target_shadow is not None else target_encoder, meta["compile"], COMPILE_BACKEND)
+    fused, why = fused_optimizer_ema(opt_cfg["fused_optimizer_ema"], device)
+    if fused or device.type == "cuda":  # on the CPU, auto's fallback is the expected path
+        say(f"optimizer: {why}")
     checkpoints = Checkpointer(folder, config, seed, (encoder, predictor, target_encoder), optimizer, schedulers, rank() == 0, world_size())
     return Run(config, device, folder, loader, model, target_encoder, target_shadow, optimizer, schedulers, checkpoints,
-               start_epoch, start_itr)
+               start_epoch, start_itr, fused)
+
+
+def fused_optimizer_ema(setting: bool | str, device: torch.device) -> tuple[bool, str]:
+    """Whether AdamW and the EMA run as one ``adamw_ema_`` pass, and why, in words:
+    ``optimization.fused_optimizer_ema`` true or false, or auto (on a GPU with the CUDA extension)."""
+    if setting == "auto":
+        problem = device_problem("cuda", device)
+        if problem is not None:
+            return False, f"AdamW, then the EMA (fused_optimizer_ema auto: {problem})"
+        return True, "AdamW and the EMA in one pass (adamw_ema_, CUDA; fused_optimizer_ema auto)"
+    return setting, "AdamW and the EMA in one pass (adamw_ema_)" if setting else "AdamW, then the EMA (fused_optimizer_ema false)"
 
 
 def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpoint_every, progress, profile_steps, torch_profiler):
@@ -247,7 +272,7 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
             continue
         with profiler.step(counts.step):
             result = train_step(run.model, run.target_encoder, run.optimizer, *run.schedulers, images, masks_enc, masks_pred,
-                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps)
+                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps, fused_optimizer_ema=run.fused_optimizer_ema)
         diagnostics = None
         if every and (counts.step + 1) % every == 0 and result.nonfinite is None:  # after this step's update; one sync
             measured = diagnose(run.model, run.target_encoder, images, masks_enc, masks_pred, meta["use_bfloat16"], accum_steps)
@@ -289,8 +314,9 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
 
 
 def diagnostics_interval(diagnostics_every: int | None, ipe: int) -> int:
-    """Steps between diagnostics: ``logging.diagnostics_every``, or by default 4 per epoch (0: never)."""
-    return max(1, ipe // 4) if diagnostics_every is None else diagnostics_every
+    """Steps between diagnostics: ``logging.diagnostics_every``, or by default 4 per epoch and at
+    least 10 steps apart (0: never)."""
+    return max(10, ipe // 4) if diagnostics_every is None else diagnostics_every
 
 
 def mid_epoch_checkpoint(step: int, itr: int, ipe: int, total_steps: int, checkpoint_every: int | None) -> tuple[bool, bool]:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from fastjepa.config import mask_sampler, validate
 from fastjepa.distributed import full_state, rank, setup, world_size, wrap
 from fastjepa.helper import init_model, init_opt
+from fastjepa.models.vision_transformer import compile_blocks
 from fastjepa.step import ContextPredictor, train_step
 from fastjepa.utils.schedulers import momentum_schedule
 
@@ -41,15 +42,20 @@ def global_batch(step: int, size: int):
     return images, masks_enc, masks_pred
 
 
-def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = "float32", accum_steps: int = 1) -> dict:
+def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = "float32", accum_steps: int = 1,
+        compiled: bool = False, fused: bool = False) -> dict:
     """``steps`` steps over a global batch of ``batch`` images, this rank taking its slice in
-    ``accum_steps`` micro-batches."""
+    ``accum_steps`` micro-batches; ``compiled``: the blocks compiled (aot_eager) inside the
+    wrapper, as the trainer does; ``fused``: AdamW and the EMA as one pass."""
     device, started = setup("cpu")
     cfg = config(sharding, grad_reduce_dtype)
     meta, opt = cfg["meta"], cfg["optimization"]
     torch.manual_seed(0)
     encoder, predictor = init_model(device, PATCH, meta["model_name"], CROP, meta["pred_depth"], meta["pred_emb_dim"])
     target = copy.deepcopy(encoder).requires_grad_(False)
+    if compiled:
+        for module in (encoder, predictor, target):
+            compile_blocks(module, True, backend="aot_eager")
     model = wrap(ContextPredictor(encoder, predictor), target, meta, device, accumulating=accum_steps > 1)
     optimizer, _, lr_schedule, wd_schedule = init_opt(encoder, predictor, SCHEDULE_STEPS, opt["start_lr"], opt["lr"], opt["warmup"], 1,
                                                       opt["weight_decay"], opt["final_weight_decay"], opt["final_lr"], False, 1.0)
@@ -60,7 +66,8 @@ def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = 
     for step in range(steps):
         images, masks_enc, masks_pred = global_batch(step, batch)
         result = train_step(model, target, optimizer, lr_schedule, wd_schedule, momentum,
-                            images[rows], [m[rows] for m in masks_enc], [m[rows] for m in masks_pred], accum_steps=accum_steps)
+                            images[rows], [m[rows] for m in masks_enc], [m[rows] for m in masks_pred], accum_steps=accum_steps,
+                            fused_optimizer_ema=fused)
         assert result.nonfinite is None, result.nonfinite
         loss = result.loss.clone()
         if world_size() > 1:  # every rank's loss is a mean over the same number of elements
@@ -83,8 +90,10 @@ if __name__ == "__main__":
     parser.add_argument("--sharding", default="ddp")
     parser.add_argument("--grad-reduce-dtype", default="float32")
     parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fused", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = run(args.steps, args.batch, args.sharding, args.grad_reduce_dtype, args.accum)
+    result = run(args.steps, args.batch, args.sharding, args.grad_reduce_dtype, args.accum, args.compile, args.fused)
     if result["rank"] == 0:
         torch.save(result, args.out)

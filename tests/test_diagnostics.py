@@ -33,7 +33,7 @@ def test_effective_rank_of_known_spectra():
 
 
 def test_the_interval_and_bad_values():
-    assert diagnostics_interval(None, 100) == 25 and diagnostics_interval(None, 3) == 1
+    assert diagnostics_interval(None, 100) == 25 and diagnostics_interval(None, 3) == 10
     assert diagnostics_interval(0, 100) == 0 and diagnostics_interval(7, 100) == 7
     config = tiny_preset()
     config["logging"]["diagnostics_every"] = -1

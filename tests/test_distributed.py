@@ -55,12 +55,16 @@ def one_process():
     return run(STEPS, BATCH)
 
 
-@pytest.mark.parametrize("sharding, accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)],
-                         ids=["ddp", "fsdp", "ddp-accumulation", "fsdp-accumulation"])
-def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, one_process, sharding, accum):
-    """accum: each rank's half of the batch in 2 micro-batches (DDP's no_sync / FSDP2's
-    set_requires_gradient_sync in the first), the same as one process on the whole batch."""
-    torchrun("distributed_steps.py", tmp_path / "two.pt", "--steps", STEPS, "--batch", BATCH, "--sharding", sharding, "--accum", accum)
+@pytest.mark.parametrize("sharding, options", [("ddp", []), ("fsdp", []), ("ddp", ["--accum", 2]), ("fsdp", ["--accum", 2]),
+                                               ("ddp", ["--compile", "--fused"]),
+                                               pytest.param("fsdp", ["--compile", "--fused"], marks=pytest.mark.slow)],
+                         ids=["ddp", "fsdp", "ddp-accumulation", "fsdp-accumulation", "ddp-compiled-fused", "fsdp-compiled-fused"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, one_process, sharding, options):
+    """--accum 2: each rank's half of the batch in 2 micro-batches (DDP's no_sync / FSDP2's
+    set_requires_gradient_sync in the first); --compile --fused: the blocks compiled (aot_eager)
+    inside the wrapper and AdamW + EMA as adamw_ema_ passes on each rank's (local) tensors.
+    Each the same as one eager process on the whole batch."""
+    torchrun("distributed_steps.py", tmp_path / "two.pt", "--steps", STEPS, "--batch", BATCH, "--sharding", sharding, *options)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one_process["losses"]), **TOL)
     for name, expected in tensors(one_process["state"]):  # weights, target, AdamW moments: every tensor whole

@@ -38,6 +38,7 @@ __all__ = [
     "Block",
     "VisionTransformer",
     "VisionTransformerPredictor",
+    "compile_blocks",
     "vit_predictor",
     "vit_tiny",
     "vit_small",
@@ -191,10 +192,24 @@ def _image_side(img_size) -> int:
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
     """``x`` through each block in turn. ``recompute`` (activation checkpointing, when gradients
-    are on): each block keeps only its input and runs again in the backward (non-reentrant)."""
+    are on): each block keeps only its input and runs again in the backward (non-reentrant).
+    The token dimension (dim -2 of dense tokens, 0 of packed ones) is marked dynamic, so that
+    compiled blocks (``compile_blocks``) keep one graph as the mask lengths change."""
+    torch._dynamo.maybe_mark_dynamic(x, x.dim() - 2)
     for block in blocks:
         x = checkpoint(block, x, *args, use_reentrant=False) if recompute and torch.is_grad_enabled() else block(x, *args)
     return x
+
+
+def compile_blocks(model: nn.Module, mode: bool | str, backend: str = "inductor") -> None:
+    """``torch.compile`` each transformer block of ``model`` (an encoder's ``blocks``, a
+    predictor's ``predictor_blocks``) in place (``meta.compile``): ``mode`` True is torch's
+    default mode, or a mode name such as "max-autotune" (inductor only). The blocks share one
+    graph per shape of their weights and grad mode; the rest of the model runs eagerly, so the
+    mask gathers and the Python-side mask lengths never reach the compiler."""
+    options = {"mode": "default" if mode is True else mode} if backend == "inductor" else {}
+    for block in list(getattr(model, "blocks", [])) + list(getattr(model, "predictor_blocks", [])):
+        block.compile(backend=backend, dynamic=True, **options)
 
 
 def _init_weights(module: nn.Module, std: float) -> None:
