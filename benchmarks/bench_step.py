@@ -24,7 +24,10 @@ batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. M
                    ``repeat_interleave_batch``, imported from your own checkout of
                    facebookresearch/ijepa (never vendored, never required), in the
                    reference-eager step (same optimizer, scaler, EMA loop and syncs).
-``--cuda-graphs`` compiles the encoder, predictor and target with ``mode="reduce-overhead"``:
+``--compile``, ``--fused-optimizer-ema``, ``--grad-accum`` and ``--activation-checkpointing`` are
+the trainer's own switches (meta.compile, optimization.fused_optimizer_ema, ...), through the
+same functions; each row records which were on.
+``--cuda-graphs`` compiles the blocks as ``--compile`` does, with ``mode="reduce-overhead"``:
 torch.compile's CUDA graph trees replay each step's kernels as one graph. The mask shapes
 change from step to step, so one graph is recorded per distinct shape (the first steps
 record, later ones mostly replay); it pays where launch overhead is a large part of the step
@@ -61,6 +64,7 @@ from fastjepa.flops import step_flops_per_image  # noqa: E402
 from fastjepa.helper import init_model, init_opt  # noqa: E402
 from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
+from fastjepa.models.vision_transformer import compile_blocks  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
 from fastjepa.step import ContextPredictor, PhaseHook, train_step, untimed  # noqa: E402
 from fastjepa.utils.masking import PackedMasks  # noqa: E402
@@ -169,8 +173,9 @@ class Step:
     """One training step of a mode, split into phases; ``run(timer)`` returns the loss tensor."""
 
     def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep, seed=0,
-                 reference_src=None, data=None, accum_steps=1, activation_checkpointing=False):
+                 reference_src=None, data=None, accum_steps=1, activation_checkpointing=False, fused_optimizer_ema=False):
         self.mode, self.device, self.batch, self.data, self.accum_steps = mode, device, batch, data, accum_steps
+        self.fused_optimizer_ema = fused_optimizer_ema
         torch.manual_seed(seed)
         self.source = _import_reference(reference_src) if mode == REFERENCE_SRC_MODE else None
         build = self.source["init_model"] if self.source else init_model
@@ -191,9 +196,9 @@ class Step:
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.images = [torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8).to(device) for _ in range(2)]
         self.cuda_graphs = compile_mode == "reduce-overhead" and not self.reference
-        if compile_mode and not self.reference:  # in place: the step keeps calling the same modules
+        if compile_mode and not self.reference:  # the trainer's meta.compile: the blocks, in place, the token dimension dynamic
             for module in (self.encoder, self.predictor, self.shadow.module if self.shadow else self.target):
-                module.compile(mode=compile_mode)
+                compile_blocks(module, compile_mode)
         self.model = ContextPredictor(self.encoder, self.predictor, shared_context=mode == "shared-context")
         self.momentum = itertools.repeat(0.996)
         self.step_index, self.context_tokens = 0, []
@@ -211,7 +216,7 @@ class Step:
         else:
             result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
                                 imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase,
-                                accum_steps=self.accum_steps)
+                                accum_steps=self.accum_steps, fused_optimizer_ema=self.fused_optimizer_ema)
             if result.nonfinite:
                 raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {self.step_index}")
             loss = result.loss
@@ -327,8 +332,10 @@ def bench(name, spec, mode, device, args) -> dict:
     compile_mode = "reduce-overhead" if args.cuda_graphs else ("default" if args.compile else None)
     reference = mode in ("reference-eager", REFERENCE_SRC_MODE)  # the reference has neither switch
     accum_steps, checkpointing = (1, False) if reference else (args.grad_accum, args.activation_checkpointing)
+    fused = args.fused_optimizer_ema and not reference
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep,
-                reference_src=args.reference_src, data=data, accum_steps=accum_steps, activation_checkpointing=checkpointing)
+                reference_src=args.reference_src, data=data, accum_steps=accum_steps, activation_checkpointing=checkpointing,
+                fused_optimizer_ema=fused)
     off, on = untimed, PhaseTimer(device)
     for _ in range(args.warmup):
         step.run(off)
@@ -353,6 +360,7 @@ def bench(name, spec, mode, device, args) -> dict:
     row = {
         "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs,
         "cuda_graphs": args.cuda_graphs, "quick": args.quick, "grad_accum_steps": accum_steps, "activation_checkpointing": checkpointing,
+        "fused_optimizer_ema": fused,
         "step_ms": step_ms, "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),
@@ -370,7 +378,7 @@ def _mean_target_tokens(sampler, draws: int = 20) -> float:
 
 
 def print_table(rows):
-    header = f"{'model':<18}{'mode':<24}{'batch':>6}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ctx K':>7}{'GiB':>7}  phases (ms)"
+    header = f"{'model':<18}{'mode':<34}{'batch':>6}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ctx K':>7}{'GiB':>7}  phases (ms)"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -378,8 +386,9 @@ def print_table(rows):
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
         gib = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""
         switches = "".join([f" accum={r['grad_accum_steps']}" if r["grad_accum_steps"] > 1 else "",
-                            " ckpt" if r["activation_checkpointing"] else ""])
-        print(f"{r['model']:<18}{r['mode'] + switches:<24}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}"
+                            " ckpt" if r["activation_checkpointing"] else "", " compiled" if r["compile"] else "",
+                            " fused" if r["fused_optimizer_ema"] else ""])
+        print(f"{r['model']:<18}{r['mode'] + switches:<34}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}"
               f"{r['achieved_tflop_s']:>9.2f}{mfu:>7}{r['mean_context_tokens']:>7.1f}{gib:>7}  {phases}")
 
 
@@ -392,7 +401,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=None, help="override the per-model batch size")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, --quick 1)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, predictor and target (fastjepa modes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="fastjepa modes: the trainer's meta.compile (each block of the encoder, predictor and target compiled)")
+    parser.add_argument("--fused-optimizer-ema", action="store_true",
+                        help="fastjepa modes: the trainer's optimization.fused_optimizer_ema (AdamW and the EMA as adamw_ema_ passes)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="torch.compile with CUDA graph trees (mode reduce-overhead; fastjepa modes; a GPU)")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
