@@ -243,7 +243,7 @@ def _scale(op: str, softmax_scale, head_dim: int) -> float:
         return float(head_dim**-0.5)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"{op}: softmax_scale must be a number or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
+    if not abs(softmax_scale) < math.inf:  # not math.isfinite: a compiled block's scale can be a SymFloat, which it cannot trace
         raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale}")
     return float(softmax_scale)
 
