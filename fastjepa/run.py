@@ -71,8 +71,8 @@ class CSVLog:
 
     def __init__(self, path: Path, resume_at: tuple[int, int] = (0, 0)):
         new = not path.exists() or path.stat().st_size == 0
-        if not new and resume_at != (0, 0):
-            self._drop_rows_from(path, resume_at)
+        if not new:
+            self._rewrite(path, resume_at)
         self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
         if new:
@@ -83,9 +83,10 @@ class CSVLog:
         self.file.flush()
 
     @staticmethod
-    def _drop_rows_from(path: Path, resume_at: tuple[int, int]) -> None:
+    def _rewrite(path: Path, resume_at: tuple[int, int]) -> None:
         """Rewrite the CSV (atomically) without the rows of steps at or after ``resume_at``
-        ((epoch, itr), epoch counted from 0; the CSV counts from 1, as the reference)."""
+        ((epoch, itr), epoch counted from 0; the CSV counts from 1, as the reference), and with
+        this version's columns when an older run wrote fewer (the new ones blank)."""
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
 
@@ -95,8 +96,11 @@ class CSVLog:
             except (ValueError, IndexError):  # the header, or a line that is not a step
                 return True
 
-        kept = [row for row in rows if before(row)]
-        if len(kept) < len(rows):
+        kept = [row for row in rows if before(row)] if resume_at != (0, 0) else rows
+        older = bool(rows) and tuple(rows[0]) != CSV_COLUMNS and tuple(rows[0]) == CSV_COLUMNS[:len(rows[0])]
+        if older:
+            kept = [list(CSV_COLUMNS)] + [row + [""] * (len(CSV_COLUMNS) - len(row)) for row in kept[1:]]
+        if len(kept) < len(rows) or older:
             partial = path.with_name(path.name + ".partial")
             with open(partial, "w", newline="") as f:
                 csv.writer(f).writerows(kept)

@@ -56,9 +56,9 @@ def one_process():
 
 
 @pytest.mark.parametrize("sharding, options", [("ddp", []), ("fsdp", []), ("ddp", ["--accum", 2]), ("fsdp", ["--accum", 2]),
-                                               ("ddp", ["--compile", "--fused"]),
+                                               ("ddp", ["--compile", "--fused"]), ("fsdp", ["--fused"]),
                                                pytest.param("fsdp", ["--compile", "--fused"], marks=pytest.mark.slow)],
-                         ids=["ddp", "fsdp", "ddp-accumulation", "fsdp-accumulation", "ddp-compiled-fused", "fsdp-compiled-fused"])
+                         ids=["ddp", "fsdp", "ddp-accumulation", "fsdp-accumulation", "ddp-compiled-fused", "fsdp-fused", "fsdp-compiled-fused"])
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, one_process, sharding, options):
     """--accum 2: each rank's half of the batch in 2 micro-batches (DDP's no_sync / FSDP2's
     set_requires_gradient_sync in the first); --compile --fused: the blocks compiled (aot_eager)

@@ -54,6 +54,20 @@ def test_resume_drops_the_rows_a_stopped_run_logged_after_its_checkpoint(tmp_pat
     assert strip_time(csv_rows(tmp_path / "straight")) == strip_time(csv_rows(tmp_path / "split"))  # one row per step
 
 
+def test_resume_of_a_run_logged_by_an_older_version_extends_its_columns(tmp_path):
+    from fastjepa.plot import read_log
+
+    fit(out=tmp_path, max_steps=3, **SMALL)
+    rows = csv_rows(tmp_path)
+    with open(tmp_path / "jepa_r0.csv", "w", newline="") as f:  # as fastjepa wrote it before the diagnostics columns
+        csv.writer(f).writerows(row[:10] for row in rows)
+    fit(out=tmp_path, max_steps=2, resume="latest", **SMALL)
+    upgraded = csv_rows(tmp_path)
+    assert tuple(upgraded[0]) == CSV_COLUMNS and len(upgraded) == 6 and all(len(row) == len(CSV_COLUMNS) for row in upgraded)
+    assert [row[:3] for row in upgraded[1:4]] == [row[:3] for row in rows[1:4]]
+    assert len(read_log(tmp_path / "jepa_r0.csv")["loss"]) == 5
+
+
 @pytest.mark.parametrize("first, bf16", [(2, False), (3, False), (2, True)], ids=["in-epoch", "epoch-boundary", "bf16-shadow"])
 def test_resume_continues_exactly(tmp_path, first, bf16):
     """bf16: autocast with the target's bf16 shadow, which is not saved but rebuilt from the target."""
