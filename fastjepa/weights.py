@@ -4,7 +4,7 @@ Formats (``FORMATS``):
 * ``hf``: a folder ``transformers.IJepaModel.from_pretrained(PATH)`` loads: ``config.json``,
   ``model.safetensors`` and a ``preprocessor_config.json`` with the evaluation resize and crop
   and ImageNet's mean and std. The key mapping is read off the installed transformers' own
-  ``IJepaModel`` (a two-layer probe, run once), so a renamed layout is detected, not guessed.
+  ``IJepaModel`` (a two-layer probe), so a renamed layout is detected, not guessed.
 * ``timm``: a ``.safetensors`` state dict for timm's ``*_gap_*`` ViTs (no class token, average
   pooling); ``timm_model`` names the timm model and the arguments that build it.
 * ``safetensors``: the encoder's state dict under fastjepa's (and the reference's) own key
@@ -55,10 +55,6 @@ class EncoderShape:
     model_name: str
     patch_size: int
     crop_size: int
-
-    @property
-    def grid(self) -> int:
-        return self.crop_size // self.patch_size
 
     def build(self) -> vit.VisionTransformer:
         return getattr(vit, self.model_name)(img_size=[self.crop_size], patch_size=self.patch_size)
@@ -388,7 +384,7 @@ def export_weights(source, format: str, out, encoder: str = "target", force: boo
         load_state(shape.build(), state, origin, assign=True)  # the exported tensors fit the model they claim to be
     metadata = {"format": format, **asdict(shape), "encoder": encoder, "source": origin}
     if format == "hf":
-        _write_folder(out, force, lambda tmp: _write_hf(tmp, state, shape))
+        _write_folder(out, lambda tmp: _write_hf(tmp, state, shape))
         return f"wrote {out}: transformers.IJepaModel.from_pretrained({out!r}) loads it ({shape.model_name}/{shape.patch_size} at {shape.crop_size} px)"
     if format == "timm":
         name, kwargs = timm_model(shape)
@@ -423,7 +419,7 @@ def _write_hf(folder: str, state: dict, shape: EncoderShape) -> None:
     save_file(_to_hf(state, depth), os.path.join(folder, HF_WEIGHTS), metadata={"format": "pt"})
 
 
-def _write_folder(out: str, force: bool, write) -> None:
+def _write_folder(out: str, write) -> None:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)

@@ -192,10 +192,7 @@ def _image_side(img_size) -> int:
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
     """``x`` through each block in turn. ``recompute`` (activation checkpointing, when gradients
-    are on): each block keeps only its input and runs again in the backward (non-reentrant).
-    The token dimension (dim -2 of dense tokens, 0 of packed ones) is marked dynamic, so that
-    compiled blocks (``compile_blocks``) keep one graph as the mask lengths change."""
-    torch._dynamo.maybe_mark_dynamic(x, x.dim() - 2)
+    are on): each block keeps only its input and runs again in the backward (non-reentrant)."""
     for block in blocks:
         x = checkpoint(block, x, *args, use_reentrant=False) if recompute and torch.is_grad_enabled() else block(x, *args)
     return x
@@ -204,7 +201,9 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, *args) -
 def compile_blocks(model: nn.Module, mode: bool | str, backend: str = "inductor") -> None:
     """``torch.compile`` each transformer block of ``model`` (an encoder's ``blocks``, a
     predictor's ``predictor_blocks``) in place (``meta.compile``): ``mode`` True is torch's
-    default mode, or a mode name such as "max-autotune" (inductor only). The blocks share one
+    default mode, or a mode name such as "max-autotune" (inductor only). Dynamic shapes
+    (``dynamic=True``): the token dimension, whose length the masks change every step, is
+    symbolic from the first compile, so a new length reuses the graph. The blocks share one
     graph per shape of their weights and grad mode; the rest of the model runs eagerly, so the
     mask gathers and the Python-side mask lengths never reach the compiler."""
     options = {"mode": "default" if mode is True else mode} if backend == "inductor" else {}
