@@ -23,6 +23,24 @@ def test_quick_run_writes_one_row_per_mode_with_every_phase(tmp_path):
     assert ragged["mean_context_tokens"] > fastjepa["mean_context_tokens"]  # nothing truncated
 
 
+def test_the_trainers_switches_reach_the_step_and_the_rows(tmp_path, monkeypatch):
+    """--grad-accum, --activation-checkpointing and --fused-optimizer-ema run the trainer's own
+    switches in the fastjepa modes (the fused pass leaves nothing for the EMA phase); the
+    reference mode has none of them."""
+    module = load_benchmark("bench_step")
+    results = tmp_path / "rows.jsonl"
+    calls = []
+    real = module.train_step
+    monkeypatch.setattr(module, "train_step", lambda *a, **k: calls.append(k) or real(*a, **k))
+    module.main(["--quick", "--modes", "fastjepa,reference-eager", "--grad-accum", "2", "--activation-checkpointing",
+                 "--fused-optimizer-ema", "--results", str(results)])
+    fastjepa, reference = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (fastjepa["grad_accum_steps"], fastjepa["activation_checkpointing"], fastjepa["fused_optimizer_ema"]) == (2, True, True)
+    assert (reference["grad_accum_steps"], reference["activation_checkpointing"], reference["fused_optimizer_ema"]) == (1, False, False)
+    assert calls and all(k["accum_steps"] == 2 and k["fused_optimizer_ema"] for k in calls)
+    assert fastjepa["phase_ms"]["ema"] == 0 and fastjepa["phase_ms"]["optimizer"] > 0
+
+
 def test_steps_fed_by_the_loader_report_the_data_wait(tmp_path):
     module = load_benchmark("bench_step")
     results = tmp_path / "rows.jsonl"
