@@ -66,7 +66,7 @@ from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
 from fastjepa.models.vision_transformer import compile_blocks  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
-from fastjepa.step import ContextPredictor, PhaseHook, train_step, untimed  # noqa: E402
+from fastjepa.step import ContextPredictor, FusedUpdate, PhaseHook, train_step, untimed  # noqa: E402
 from fastjepa.utils.masking import PackedMasks  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
@@ -174,23 +174,27 @@ class Step:
 
     def __init__(self, mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep, seed=0,
                  reference_src=None, data=None, accum_steps=1, activation_checkpointing=False, fused_optimizer_ema=False):
-        self.mode, self.device, self.batch, self.data, self.accum_steps = mode, device, batch, data, accum_steps
-        self.fused_optimizer_ema = fused_optimizer_ema
+        """``accum_steps``, ``activation_checkpointing``, ``fused_optimizer_ema``: the trainer's
+        switches, in fastjepa's modes (the reference has none of them)."""
+        self.mode, self.device, self.batch, self.data = mode, device, batch, data
         torch.manual_seed(seed)
         self.source = _import_reference(reference_src) if mode == REFERENCE_SRC_MODE else None
         build = self.source["init_model"] if self.source else init_model
         self.encoder, self.predictor = build(device, patch, model, crop, pred_depth, pred_emb_dim)
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.encoder.grad_checkpointing = self.predictor.grad_checkpointing = activation_checkpointing  # as meta.activation_checkpointing
         self.optimizer, _, self.lr_schedule, self.wd_schedule = init_opt(
             self.encoder, self.predictor, iterations_per_epoch=1000, start_lr=1e-4, ref_lr=1e-3, warmup=1, num_epochs=10,
             wd=0.04, final_wd=0.4)
         self.reference = mode in ("reference-eager", REFERENCE_SRC_MODE)
+        self.accum_steps = 1 if self.reference else accum_steps
+        self.encoder.grad_checkpointing = self.predictor.grad_checkpointing = activation_checkpointing and not self.reference
         if self.reference:  # the reference's AdamW (foreach, not fused) and its GradScaler; fastjepa's modes keep the trainer's
             self.optimizer = torch.optim.AdamW(self.optimizer.param_groups, foreach=device.type == "cuda")
             self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
         self.bf16 = device.type == "cuda"
         self.shadow = Bf16Shadow(self.target, self.encoder) if self.bf16 and not self.reference else None
+        fused = fused_optimizer_ema and not self.reference
+        self.fused_update = FusedUpdate(self.optimizer, self.encoder, self.target, self.shadow) if fused else None
         self.targets, self.onlines = list(self.target.parameters()), list(self.encoder.parameters())
         self.sampler = MultiBlockMaskSampler(input_size=crop, patch_size=patch, **{**MASKS, "min_keep": min_keep})
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -216,7 +220,7 @@ class Step:
         else:
             result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
                                 imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase,
-                                accum_steps=self.accum_steps, fused_optimizer_ema=self.fused_optimizer_ema)
+                                accum_steps=self.accum_steps, fused_optimizer_ema=self.fused_update)
             if result.nonfinite:
                 raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {self.step_index}")
             loss = result.loss
@@ -330,12 +334,9 @@ def bench(name, spec, mode, device, args) -> dict:
         folder = generated_images(args.images, args.quick, args.images_dir)
         data = LoaderBatches(args.data, folder, crop, patch, batch, min_keep, mode == "ragged", args.workers, device)
     compile_mode = "reduce-overhead" if args.cuda_graphs else ("default" if args.compile else None)
-    reference = mode in ("reference-eager", REFERENCE_SRC_MODE)  # the reference has neither switch
-    accum_steps, checkpointing = (1, False) if reference else (args.grad_accum, args.activation_checkpointing)
-    fused = args.fused_optimizer_ema and not reference
     step = Step(mode, model, patch, crop, batch, device, pred_depth, pred_emb_dim, compile_mode, min_keep,
-                reference_src=args.reference_src, data=data, accum_steps=accum_steps, activation_checkpointing=checkpointing,
-                fused_optimizer_ema=fused)
+                reference_src=args.reference_src, data=data, accum_steps=args.grad_accum,
+                activation_checkpointing=args.activation_checkpointing, fused_optimizer_ema=args.fused_optimizer_ema)
     off, on = untimed, PhaseTimer(device)
     for _ in range(args.warmup):
         step.run(off)
@@ -359,8 +360,8 @@ def bench(name, spec, mode, device, args) -> dict:
     images_per_s = batch * 1e3 / step_ms
     row = {
         "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs,
-        "cuda_graphs": args.cuda_graphs, "quick": args.quick, "grad_accum_steps": accum_steps, "activation_checkpointing": checkpointing,
-        "fused_optimizer_ema": fused,
+        "cuda_graphs": args.cuda_graphs, "quick": args.quick, "grad_accum_steps": step.accum_steps,
+        "activation_checkpointing": step.encoder.grad_checkpointing, "fused_optimizer_ema": step.fused_update is not None,
         "step_ms": step_ms, "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),

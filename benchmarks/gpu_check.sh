@@ -90,12 +90,12 @@ stage cuda-benches 30 bash -c 'cmake -S . -B build/cuda-benches -DFASTJEPA_BUILD
 stage attention 40 $PYTHON benchmarks/bench_kernels.py --ops attention --results "$RESULTS"
 stage data 30 $PYTHON benchmarks/bench_data.py --images 400 --batch-size 128 --workers 8 --epochs 3 --results "$RESULTS"
 stage step 40 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --steps 8 --warmup 2 --results "$RESULTS"
-# The same step fed by the loader over generated JPEGs: the data wait per step (torchvision: the H200 has no DALI).
-# the trained step with the switches that need no compile: peak memory with accumulation and checkpointing (README
+# The trained step with the switches that need no compile: peak memory with accumulation and checkpointing (README
 # "Smaller machines"), and the fused AdamW + EMA's optimizer phase (README "Trainer switches"; independent of the memory
-# switches), against the step stage's plain fastjepa row
+# switches), against the step stage's plain fastjepa row.
 stage step-switches 20 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --steps 2 --warmup 1 --grad-accum 4 \
     --activation-checkpointing --fused-optimizer-ema --results "$RESULTS"
+# The same step fed by the loader over generated JPEGs: the data wait per step (torchvision: the H200 has no DALI).
 stage step-data 25 $PYTHON benchmarks/bench_step.py --models vit_huge/14 --modes fastjepa --data torchvision --images 384 \
     --steps 6 --warmup 2 --results "$RESULTS"
 stage report 5 bash -c "$PYTHON benchmarks/report.py '$RESULTS' > '$BASE.md' && $PYTHON benchmarks/report.py --readme README.md"

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fastjepa.models.vision_transformer import transformer_blocks  # the blocks FSDP2 shards one by one
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -170,11 +172,6 @@ def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- wrapping
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards one by one: an encoder's ``blocks``, a predictor's ``predictor_blocks``."""
-    return [block for name in ("blocks", "predictor_blocks") if hasattr(model, name) for block in getattr(model, name)]
 
 
 def wrap(model: nn.Module, target_encoder: nn.Module, meta: dict, device: torch.device, accumulating: bool = False) -> nn.Module:

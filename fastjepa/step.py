@@ -116,45 +116,55 @@ def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | Pa
         return F.smooth_l1_loss(z.to(dtype), h.to(dtype))
 
 
-@torch.no_grad()
-def fused_update_(optimizer: torch.optim.AdamW, encoder: nn.Module, target_encoder, momentum: float,
-                  target_shadow: Bf16Shadow | None = None) -> None:
+class FusedUpdate:
     """``optimizer.step()`` then ``update_target(...)`` as ``adamw_ema_`` passes
     (``optimization.fused_optimizer_ema``): the encoder's parameters with their targets (and
     bf16 shadows), the predictor's without; a parameter without a gradient only follows the
     EMA. The state stays AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, made as
     AdamW makes them), with every group's current lr and weight decay; under FSDP2, the
     local shards. AdamW's per-parameter steps are equal here (every trained parameter has a
-    gradient at every step), so each pass counts with its first parameter's and the others follow."""
-    groups = optimizer.param_groups
-    if any(g["amsgrad"] or g["maximize"] or g["betas"] != groups[0]["betas"] or g["eps"] != groups[0]["eps"] for g in groups):
-        raise ValueError("fused_optimizer_ema: needs AdamW without amsgrad or maximize, with one betas and eps for every group")
-    group_of = {p: i for i, group in enumerate(groups) for p in group["params"]}
-    device = local(next(iter(group_of))).device
-    lr = torch.tensor([g["lr"] for g in groups], dtype=torch.float64).to(device, non_blocking=True)  # the torch backend computes in fp64, as AdamW
-    wd = torch.tensor([g["weight_decay"] for g in groups], dtype=torch.float64).to(device, non_blocking=True)
-    if target_shadow is not None:
-        (targets, onlines, shadows), (shared_targets, shared_onlines) = target_shadow.shadowed, target_shadow.shared
-        passes = [(onlines, targets, shadows), (shared_onlines, shared_targets, [])]
-    else:
-        passes = [(list(encoder.parameters()), list(target_encoder.parameters()), [])]
-    in_encoder = set(encoder.parameters())
-    passes.append(([p for p in group_of if p not in in_encoder], [], []))
-    for params, targets, shadows in passes:
-        trained = [i for i, p in enumerate(params) if p.grad is not None]
-        followed = [i for i, p in enumerate(params) if p.grad is None and targets]
-        if followed:
-            ema_update_([local(targets[i]) for i in followed], [local(params[i]) for i in followed], momentum,
-                        [shadows[i] for i in followed] if shadows else ())
-        if not trained:
-            continue
-        states = [_adamw_state(optimizer, params[i]) for i in trained]
-        adamw_ema_([local(params[i]) for i in trained], [local(params[i].grad) for i in trained], [local(s["exp_avg"]) for s in states],
-                   [local(s["exp_avg_sq"]) for s in states], states[0]["step"], lr, wd, [group_of[params[i]] for i in trained],
-                   betas=groups[0]["betas"], eps=groups[0]["eps"], targets=[local(targets[i]) for i in trained] if targets else (),
-                   momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else ())
-        if len(states) > 1:
-            torch._foreach_add_([s["step"] for s in states[1:]], 1.0)
+    gradient at every step), so each pass counts with its first parameter's and the others follow.
+
+    What a run keeps fixed (which parameter goes through which pass, with which target, shadow
+    and group) is worked out once, here: walking the modules' parameters costs milliseconds of
+    host time for a ViT-H, at the point of the step where the GPU waits for the host."""
+
+    def __init__(self, optimizer: torch.optim.AdamW, encoder: nn.Module, target_encoder, target_shadow: Bf16Shadow | None = None):
+        groups = optimizer.param_groups
+        if any(g["amsgrad"] or g["maximize"] or g["betas"] != groups[0]["betas"] or g["eps"] != groups[0]["eps"] for g in groups):
+            raise ValueError("fused_optimizer_ema: needs AdamW without amsgrad or maximize, with one betas and eps for every group")
+        self.optimizer, self.betas, self.eps = optimizer, groups[0]["betas"], groups[0]["eps"]
+        group_of = {p: i for i, group in enumerate(groups) for p in group["params"]}
+        self.device = local(next(iter(group_of))).device
+        if target_shadow is not None:
+            (targets, onlines, shadows), (shared_targets, shared_onlines) = target_shadow.shadowed, target_shadow.shared
+            passes = [(onlines, targets, shadows), (shared_onlines, shared_targets, [])]
+        else:
+            passes = [(list(encoder.parameters()), list(target_encoder.parameters()), [])]
+        in_encoder = set(encoder.parameters())
+        passes.append(([p for p in group_of if p not in in_encoder], [], []))
+        self.passes = [(params, targets, shadows, [group_of.get(p) for p in params]) for params, targets, shadows in passes]
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        groups = self.optimizer.param_groups
+        hyper = torch.tensor([[g["lr"] for g in groups], [g["weight_decay"] for g in groups]], dtype=torch.float64)
+        lr, wd = hyper.to(self.device, non_blocking=True)  # one copy; the torch backend computes in fp64, as AdamW
+        for params, targets, shadows, group in self.passes:
+            trained = [i for i, p in enumerate(params) if p.grad is not None]
+            followed = [i for i, p in enumerate(params) if p.grad is None] if targets else []
+            if followed:
+                ema_update_([local(targets[i]) for i in followed], [local(params[i]) for i in followed], momentum,
+                            [shadows[i] for i in followed] if shadows else ())
+            if not trained:
+                continue
+            states = [_adamw_state(self.optimizer, params[i]) for i in trained]
+            adamw_ema_([local(params[i]) for i in trained], [local(params[i].grad) for i in trained], [local(s["exp_avg"]) for s in states],
+                       [local(s["exp_avg_sq"]) for s in states], states[0]["step"], lr, wd, [group[i] for i in trained],
+                       betas=self.betas, eps=self.eps, targets=[local(targets[i]) for i in trained] if targets else (),
+                       momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else ())
+            if len(states) > 1:
+                torch._foreach_add_([s["step"] for s in states[1:]], 1.0)
 
 
 def _adamw_state(optimizer: torch.optim.AdamW, param: torch.Tensor) -> dict:
@@ -195,9 +205,10 @@ def diagnose(model, target_encoder, imgs, masks_enc, masks_pred, use_bfloat16: b
     pred_rank, the effective rank (``effective_rank``) of those pooled features and of the
     predictor's outputs pooled over each row's target tokens; pred_cosine, the mean cosine
     between each predicted token and its target. Runs the forwards without gradients, in
-    ``accum_steps`` micro-batches as the step does (the context encoder and predictor of
-    ``model``, unwrapped: no collective), eagerly even when the blocks are compiled (no
-    graph is compiled for these rare gradient-free forwards)."""
+    ``accum_steps`` micro-batches as the step does (``model`` outside its DDP wrapper, so no
+    gradient hooks; under FSDP2 its all-gathers run, on every rank, which all diagnose at the
+    same steps), eagerly even when the blocks are compiled (no graph is compiled for these
+    rare gradient-free forwards)."""
     pooled_targets, pooled_predictions, cosines = [], [], []
     with torch.compiler.set_stance("force_eager"):
         for micro_imgs, micro_enc, micro_pred in split_batch(imgs, masks_enc, masks_pred, accum_steps):
@@ -248,7 +259,7 @@ def train_step(
     check_finite: bool = True,
     phase: PhaseHook = untimed,
     accum_steps: int = 1,
-    fused_optimizer_ema: bool = False,
+    fused_optimizer_ema: FusedUpdate | None = None,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
     autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
@@ -263,24 +274,26 @@ def train_step(
     runs as that many micro-batches (``split_batch``), each loss scaled by its share of the
     batch, so the summed gradients and the loss are the whole batch's mean; gradients are
     reduced across ranks in the last micro-batch's backward only. Then one update.
-    ``fused_optimizer_ema``: the update and the EMA as ``fused_update_`` (one pass per
-    parameter set, in the "optimizer" phase), the same math."""
+    ``fused_optimizer_ema``: a ``FusedUpdate`` of ``optimizer`` and these encoders, run instead
+    of the optimizer step and the EMA (in the "optimizer" phase), the same math."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
     target_forward = target_shadow.module if target_shadow is not None else target_encoder
     micro_batches = split_batch(imgs, masks_enc, masks_pred, accum_steps)
-    losses = []
+    loss = None
     for i, (micro_imgs, micro_enc, micro_pred) in enumerate(micro_batches):
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
-                micro_loss = jepa_loss(model, target_forward, micro_imgs, micro_enc, micro_pred, phase) * (len(micro_imgs) / len(imgs))
+                micro_loss = jepa_loss(model, target_forward, micro_imgs, micro_enc, micro_pred, phase)
+            if len(micro_batches) > 1:  # its share of the batch mean (one micro-batch: the loss itself, no extra kernels)
+                micro_loss = micro_loss * (len(micro_imgs) / len(imgs))
             with phase("backward"):
                 micro_loss.backward()
-        losses.append(micro_loss.detach())
+        loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
     momentum = next(momentum_scheduler)
-    loss, loss_value = torch.stack(losses).sum(), None
+    loss_value = None
     with phase("optimizer"):
         if check_finite:
             grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
@@ -289,12 +302,12 @@ def train_step(
                 what = describe_nonfinite(loss, model)
                 optimizer.zero_grad(set_to_none=True)
                 return StepResult(loss, lr, wd, momentum, loss_value, what)
-        if fused_optimizer_ema:
-            fused_update_(optimizer, unwrap(model).encoder, target_encoder, momentum, target_shadow)
+        if fused_optimizer_ema is not None:
+            fused_optimizer_ema(momentum)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if not fused_optimizer_ema:
+    if fused_optimizer_ema is None:
         with phase("ema"):
             update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
     return StepResult(loss, lr, wd, momentum, loss_value)

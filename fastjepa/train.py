@@ -35,7 +35,7 @@ from fastjepa.run import (
     run_folder,
     tensorboard,
 )
-from fastjepa.step import DIAGNOSTICS, ContextPredictor, diagnose, train_step
+from fastjepa.step import DIAGNOSTICS, ContextPredictor, FusedUpdate, diagnose, train_step
 from fastjepa.utils.masking import PackedMasks
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.weights import EncoderShape, init_encoder
@@ -114,7 +114,7 @@ class Run:
     checkpoints: Checkpointer
     start_epoch: int
     start_itr: int
-    fused_optimizer_ema: bool = False  # optimization.fused_optimizer_ema, resolved for this device
+    fused_update: FusedUpdate | None = None  # optimization.fused_optimizer_ema, when it is on for this device
 
 
 @dataclass
@@ -176,7 +176,7 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
         say(f"optimizer: {why}")
     checkpoints = Checkpointer(folder, config, seed, (encoder, predictor, target_encoder), optimizer, schedulers, rank() == 0, world_size())
     return Run(config, device, folder, loader, model, target_encoder, target_shadow, optimizer, schedulers, checkpoints,
-               start_epoch, start_itr, fused)
+               start_epoch, start_itr, FusedUpdate(optimizer, encoder, target_encoder, target_shadow) if fused else None)
 
 
 def fused_optimizer_ema(setting: bool | str, device: torch.device) -> tuple[bool, str]:
@@ -272,15 +272,16 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
             continue
         with profiler.step(counts.step):
             result = train_step(run.model, run.target_encoder, run.optimizer, *run.schedulers, images, masks_enc, masks_pred,
-                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps, fused_optimizer_ema=run.fused_optimizer_ema)
-        diagnostics = None
-        if every and (counts.step + 1) % every == 0 and result.nonfinite is None:  # after this step's update; one sync
-            measured = diagnose(run.model, run.target_encoder, images, masks_enc, masks_pred, meta["use_bfloat16"], accum_steps)
-            diagnostics = dict(zip(DIAGNOSTICS, torch.stack(list(measured.values())).tolist()))
-            counts.diagnostics = {"step": counts.step + 1, **diagnostics}
+                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps, fused_optimizer_ema=run.fused_update)
         now = time.perf_counter()
         step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
         tick = now
+        diagnostics = None
+        if every and (counts.step + 1) % every == 0 and result.nonfinite is None:  # after this step's update; one sync
+            measured = diagnose(run.model, run.target_encoder, images, masks_enc, masks_pred, meta["use_bfloat16"], accum_steps)
+            diagnostics = dict(zip(DIAGNOSTICS, torch.stack([measured[name] for name in DIAGNOSTICS]).tolist()))
+            counts.diagnostics = {"step": counts.step + 1, **diagnostics}
+            tick = time.perf_counter()  # outside the step's time and the next one's
         if result.nonfinite is not None:
             where = f"epoch {epoch + 1}, step {itr} (global step {counts.step})"
             if not meta["skip_nonfinite"]:

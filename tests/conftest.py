@@ -84,3 +84,15 @@ def run_as_ranks(world_size: int, fn) -> list:
     for t in threads:
         t.join(timeout=60)
     return results
+
+
+def tensors(state, prefix=""):
+    """(name, tensor) for every tensor of a nested state dict (dicts, lists and tuples)."""
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from tensors(value, f"{prefix}/{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from tensors(value, f"{prefix}/{i}")

@@ -16,7 +16,7 @@ from fastjepa.config import mask_sampler, validate
 from fastjepa.distributed import full_state, rank, setup, world_size, wrap
 from fastjepa.helper import init_model, init_opt
 from fastjepa.models.vision_transformer import compile_blocks
-from fastjepa.step import ContextPredictor, train_step
+from fastjepa.step import ContextPredictor, FusedUpdate, train_step
 from fastjepa.utils.schedulers import momentum_schedule
 
 CROP, PATCH = 48, 8
@@ -60,6 +60,7 @@ def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = 
     optimizer, _, lr_schedule, wd_schedule = init_opt(encoder, predictor, SCHEDULE_STEPS, opt["start_lr"], opt["lr"], opt["warmup"], 1,
                                                       opt["weight_decay"], opt["final_weight_decay"], opt["final_lr"], False, 1.0)
     momentum = momentum_schedule(opt["ema"], SCHEDULE_STEPS, 1, 1.0)
+    fused_update = FusedUpdate(optimizer, encoder, target) if fused else None
     share = batch // world_size()
     rows = slice(rank() * share, (rank() + 1) * share)
     losses = []
@@ -67,7 +68,7 @@ def run(steps: int, batch: int, sharding: str = "ddp", grad_reduce_dtype: str = 
         images, masks_enc, masks_pred = global_batch(step, batch)
         result = train_step(model, target, optimizer, lr_schedule, wd_schedule, momentum,
                             images[rows], [m[rows] for m in masks_enc], [m[rows] for m in masks_pred], accum_steps=accum_steps,
-                            fused_optimizer_ema=fused)
+                            fused_optimizer_ema=fused_update)
         assert result.nonfinite is None, result.nonfinite
         loss = result.loss.clone()
         if world_size() > 1:  # every rank's loss is a mean over the same number of elements

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import tensors
 
 from fastjepa.config import ConfigError, tiny_preset, validate
 from fastjepa.distributed import gradient_sync
@@ -26,17 +27,6 @@ from fastjepa.utils.schedulers import MomentumSchedule
 SMALL = dict(crop_size=48, batch_size=4, repeat=1, pred_depth=1, min_keep=1, epochs=4, warmup=1, progress=False)
 CROP, PATCH = 48, 8
 TOL = dict(rtol=1e-5, atol=1e-5)  # as tests/test_distributed.py: fp32, only the order of the gradient sums differs
-
-
-def tensors(state, prefix=""):
-    if isinstance(state, torch.Tensor):
-        yield prefix, state
-    elif isinstance(state, dict):
-        for key, value in state.items():
-            yield from tensors(value, f"{prefix}/{key}")
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            yield from tensors(value, f"{prefix}/{i}")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

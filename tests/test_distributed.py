@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tensors
 from distributed_steps import run
 
 from fastjepa.distributed import first_host, launch_from_environment
@@ -28,18 +29,6 @@ def torchrun(*args, nproc: int = 2, timeout: int = 300, **popen) -> subprocess.C
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=HERE, **popen)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
-
-
-def tensors(state, prefix=""):
-    """(name, tensor) for every tensor of a nested state dict."""
-    if isinstance(state, torch.Tensor):
-        yield prefix, state
-    elif isinstance(state, dict):
-        for key, value in state.items():
-            yield from tensors(value, f"{prefix}/{key}")
-    elif isinstance(state, list):
-        for i, value in enumerate(state):
-            yield from tensors(value, f"{prefix}/{i}")
 
 
 def max_difference(a: dict, b: dict) -> float:

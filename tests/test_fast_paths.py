@@ -19,7 +19,7 @@ from fastjepa.helper import init_model, init_opt, read_checkpoint
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 from fastjepa.models.shadow import Bf16Shadow
 from fastjepa.models.vision_transformer import compile_blocks
-from fastjepa.step import ContextPredictor, fused_update_, train_step
+from fastjepa.step import ContextPredictor, FusedUpdate, train_step
 from fastjepa.train import fit, fused_optimizer_ema
 
 SMALL = dict(crop_size=48, batch_size=4, repeat=1, pred_depth=1, min_keep=1, epochs=4, warmup=1, progress=False, diagnostics_every=0)
@@ -51,13 +51,14 @@ def training(steps: int, fused: bool = False, compiled: bool = False, bf16: bool
     generator = torch.Generator().manual_seed(0)
     sampler = MultiBlockMaskSampler(input_size=CROP, patch_size=PATCH, min_keep=1)
     model = ContextPredictor(encoder, predictor, shared_context=shared)
+    fused_update = FusedUpdate(optimizer, encoder, target, shadow) if fused else None
     losses, lengths = [], []
     for step in range(steps):
         masks_enc, masks_pred = sampler.sample(4, generator=generator, ragged=ragged)
         lengths.append((masks_enc[0].max_len if ragged else masks_enc[0].shape[1], masks_pred[0].shape[1]))
         images = torch.randn(4, 3, CROP, CROP, generator=generator)
         result = train_step(model, target, optimizer, lr, wd, momentum, images, masks_enc, masks_pred, use_bfloat16=bf16,
-                            target_shadow=shadow, fused_optimizer_ema=fused)
+                            target_shadow=shadow, fused_optimizer_ema=fused_update)
         losses.append(result.loss)
         if every_step is not None:
             every_step(step)
@@ -100,7 +101,7 @@ def test_fused_update_continues_an_adamw_checkpoint_and_back():
             masks_enc, masks_pred = sampler.sample(4, generator=generator)
             images = torch.randn(4, 3, CROP, CROP, generator=generator)
             train_step(ContextPredictor(encoder, predictor), target, optimizer, lr, wd, iter([0.99]), images, masks_enc, masks_pred,
-                       fused_optimizer_ema=first_fused if step < 2 else second_fused)
+                       fused_optimizer_ema=FusedUpdate(optimizer, encoder, target) if (first_fused if step < 2 else second_fused) else None)
         return encoder.state_dict(), target.state_dict()
 
     plain = two_halves(False, False)
@@ -112,7 +113,7 @@ def test_fused_update_refuses_an_optimizer_it_does_not_implement():
     encoder, predictor = init_model("cpu", PATCH, "vit_tiny", CROP, 1, 48)
     optimizer = torch.optim.AdamW(encoder.parameters(), amsgrad=True)
     with pytest.raises(ValueError, match="fused_optimizer_ema: needs AdamW without amsgrad or maximize"):
-        fused_update_(optimizer, encoder, copy.deepcopy(encoder), 0.99)
+        FusedUpdate(optimizer, encoder, copy.deepcopy(encoder))
 
 
 def test_the_trainer_switch_and_auto(tmp_path):

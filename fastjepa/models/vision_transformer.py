@@ -198,6 +198,12 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: bool, *args) -
     return x
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """An encoder's ``blocks``, a predictor's ``predictor_blocks``: what FSDP2 shards one by one
+    and ``compile_blocks`` compiles."""
+    return [block for name in ("blocks", "predictor_blocks") if hasattr(model, name) for block in getattr(model, name)]
+
+
 def compile_blocks(model: nn.Module, mode: bool | str, backend: str = "inductor") -> None:
     """``torch.compile`` each transformer block of ``model`` (an encoder's ``blocks``, a
     predictor's ``predictor_blocks``) in place (``meta.compile``): ``mode`` True is torch's
@@ -207,7 +213,7 @@ def compile_blocks(model: nn.Module, mode: bool | str, backend: str = "inductor"
     graph per shape of their weights and grad mode; the rest of the model runs eagerly, so the
     mask gathers and the Python-side mask lengths never reach the compiler."""
     options = {"mode": "default" if mode is True else mode} if backend == "inductor" else {}
-    for block in list(getattr(model, "blocks", [])) + list(getattr(model, "predictor_blocks", [])):
+    for block in transformer_blocks(model):
         block.compile(backend=backend, dynamic=True, **options)
 
 
