@@ -2,6 +2,7 @@
 determinism, the retry-and-relax rule, the collator, bad parameters."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -67,8 +68,11 @@ def test_reference_config_invariants_over_thousands_of_samples():
             assert torch.equal(context[b], untruncated[: context.shape[1]])
         for m in masks_enc + masks_pred:
             used += torch.bincount(m.flatten(), minlength=GRID * GRID)
-    # Target sizes the reference produces at 224/14 (area 35 to 54 patches).
-    assert sizes == {(5, 7), (6, 6), (6, 7), (7, 6), (8, 6), (9, 6)}
+    # Target sizes the reference produces at 224/14 (area 35 to 54 patches); (6, 6) takes 1.6%
+    # of the r interval and (5, 7) 4.7%, so 60 batches need not show all six.
+    reference_sizes = {(5, 7), (6, 6), (6, 7), (7, 6), (8, 6), (9, 6)}
+    assert sampler.possible_block_sizes(REFERENCE_CONFIG["pred_mask_scale"], REFERENCE_CONFIG["aspect_ratio"]) == reference_sizes
+    assert sizes <= reference_sizes and len(sizes) >= 4
     grid_use = used.view(GRID, GRID)
     assert grid_use[-1].sum() == 0 and grid_use[:, -1].sum() == 0, "last row and column are never masked"
     assert (grid_use[:-1, :-1] > 0).all()
@@ -161,15 +165,111 @@ def test_batch_of_one():
     assert masks_enc[0].shape[0] == 1 and all(m.shape == (1, m.shape[1]) for m in masks_pred)
 
 
+def oracle_masks(config: dict, batch_size: int, step: int):
+    """The reference collator's masks for batch ``step``, drawn one value at a time as
+    ../shared/REFERENCE.md section 3.2 describes: block sizes from two float32 draws of a
+    generator seeded with ``step``, then, sample by sample, each target's (top, left) and each
+    context's (top, left) redrawn until it keeps more than min_keep patches, from the global
+    RNG; after every 20 failed draws one more target (the last first) stops constraining."""
+    size = config["input_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    height, width = height // config["patch_size"], width // config["patch_size"]
+    g = torch.Generator().manual_seed(step)
+
+    def block(scale, aspect):
+        r = torch.rand(1, generator=g).item()
+        keep = int(height * width * (scale[0] + r * (scale[1] - scale[0])))
+        ratio = aspect[0] + r * (aspect[1] - aspect[0])
+        return min(round(math.sqrt(keep * ratio)), height - 1), min(round(math.sqrt(keep / ratio)), width - 1)
+
+    (h, w), (eh, ew) = block(config["pred_mask_scale"], config["aspect_ratio"]), block(config["enc_mask_scale"], (1.0, 1.0))
+
+    def rectangle(bh, bw):
+        top, left = torch.randint(0, height - bh, (1,)).item(), torch.randint(0, width - bw, (1,)).item()
+        grid = torch.zeros(height, width, dtype=torch.bool)
+        grid[top : top + bh, left : left + bw] = True
+        return grid
+
+    targets, contexts = [], []
+    for _ in range(batch_size):
+        blocks = [rectangle(h, w) for _ in range(config["npred"])]
+        targets.append([b.flatten().nonzero().flatten() for b in blocks])
+        constraints = [] if config["allow_overlap"] else blocks
+        sample_contexts = []
+        for _ in range(config["nenc"]):
+            failures = 0
+            while True:
+                grid = rectangle(eh, ew)
+                for covered in constraints[: max(len(constraints) - failures // 20, 0)]:
+                    grid &= ~covered
+                if grid.sum() > config["min_keep"]:
+                    break
+                failures += 1
+            sample_contexts.append(grid.flatten().nonzero().flatten())
+        contexts.append(sample_contexts)
+    k_pred = min(len(m) for masks in targets for m in masks)
+    k_enc = min(len(m) for masks in contexts for m in masks)
+    masks_pred = [torch.stack([targets[b][i][:k_pred] for b in range(batch_size)]) for i in range(config["npred"])]
+    masks_enc = [torch.stack([contexts[b][i][:k_enc] for b in range(batch_size)]) for i in range(config["nenc"])]
+    return masks_enc, masks_pred
+
+
+ORACLE_CONFIGS = [
+    REFERENCE_CONFIG,
+    {**REFERENCE_CONFIG, "input_size": (96, 160), "patch_size": 16, "nenc": 3, "npred": 3, "min_keep": 2},
+    # the constructor's defaults on an 8 x 8 grid: many contexts are redrawn, some relaxed
+    dict(input_size=128, patch_size=16, enc_mask_scale=(0.2, 0.8), pred_mask_scale=(0.2, 0.8), aspect_ratio=(0.3, 3.0), nenc=2, npred=2,
+         min_keep=4, allow_overlap=False),
+    # every context is relaxed after 20 failed draws
+    dict(input_size=64, patch_size=8, enc_mask_scale=(1.0, 1.0), pred_mask_scale=(0.5, 0.5), aspect_ratio=(1.0, 1.0), nenc=1, npred=1,
+         min_keep=30, allow_overlap=False),
+    {**REFERENCE_CONFIG, "allow_overlap": True},
+]
+
+
+@pytest.mark.parametrize("config", ORACLE_CONFIGS, ids=["vith14", "odd-grid", "redraws", "relaxed", "overlap"])
+@pytest.mark.parametrize("batch_size", [1, 5, 33])
+def test_collator_draws_the_reference_random_numbers(config, batch_size):
+    """Same masks as the one-value-at-a-time oracle, batch after batch, and the global RNG left
+    in the same state, so whatever draws next (the next image's crop) draws the same too."""
+    collator = MaskCollator(**config)
+    batch = [(torch.zeros(1), 0)] * batch_size
+    torch.manual_seed(1000 + batch_size)
+    ours = [collator(batch)[1:] for _ in range(4)]
+    state_after_ours = torch.get_rng_state()
+    torch.manual_seed(1000 + batch_size)
+    expected = [oracle_masks(config, batch_size, step) for step in range(4)]
+    assert torch.equal(state_after_ours, torch.get_rng_state())
+    for (enc, pred), (expected_enc, expected_pred) in zip(ours, expected):
+        assert len(enc) == config["nenc"] and len(pred) == config["npred"]
+        for got, want in zip(enc + pred, expected_enc + expected_pred):
+            assert got.dtype == torch.int64 and got.shape == want.shape and torch.equal(got, want)
+
+
+def test_sampler_with_one_generator_draws_the_collator_numbers():
+    """``sample(generator=g)`` (the trainer's call) draws sizes and positions from g alone: the
+    collator's numbers with g in place of the global RNG."""
+    sampler = MultiBlockMaskSampler(**REFERENCE_CONFIG)
+    g = torch.Generator().manual_seed(7)
+    sizes_then_positions = sampler.sample(9, generator=g)
+    g = torch.Generator().manual_seed(7)
+    split = sampler.sample(9, generator=g, position_generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(sizes_then_positions[0] + sizes_then_positions[1], split[0] + split[1]))
+
+
 def test_collator_returns_batch_and_the_seeded_masks():
     collator = MaskCollator(**REFERENCE_CONFIG)
     batch = [(torch.full((3, 4, 4), float(i)), i) for i in range(5)]
+    torch.manual_seed(0)
     (images, labels), masks_enc, masks_pred = collator(batch)
     assert images.shape == (5, 3, 4, 4) and labels.tolist() == [0, 1, 2, 3, 4]
-    expected_enc, expected_pred = collator.sampler.sample(5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    expected_enc, expected_pred = collator.sampler.sample(5, generator=torch.Generator().manual_seed(0), position_generator=torch.default_generator)
     assert all(torch.equal(a, b) for a, b in zip(masks_enc + masks_pred, expected_enc + expected_pred))
+    torch.manual_seed(0)
     _, masks_enc_1, _ = collator(batch)  # the second batch is seeded with 1
-    expected_1, _ = collator.sampler.sample(5, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    expected_1, _ = collator.sampler.sample(5, generator=torch.Generator().manual_seed(1), position_generator=torch.default_generator)
     assert torch.equal(masks_enc_1[0], expected_1[0])
 
 

@@ -16,8 +16,11 @@ The distribution is the reference collator's (facebookresearch/ijepa,
   (``sample(..., ragged=True)``, fastjepa's ``mask.ragged``, keeps every sampled
   context token instead: the contexts come back packed, as ``PackedMasks``).
 
-The RNG stream differs from the reference's (which mixes a seeded generator with
-the global RNG); the distribution is the same.
+The random numbers are the reference's too: the block sizes from two float32
+draws of one generator (the collator's, seeded with the batch counter), the positions
+from another (the collator's global RNG) in the reference's order, sample by sample,
+redraws included. ``MaskCollator`` therefore returns the reference collator's masks and
+leaves the global RNG where the reference leaves it.
 
 Output shapes depend on the draws (the context length is a batch minimum), so
 the masks are drawn on the host (random numbers from a torch generator, the
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _DRAWS_PER_RELAXATION = 20  # failed context draws before one target stops constraining it
 _SIZE_CHECK_POINTS = 20001  # grid over r on which the smallest possible block is checked
+_MAX_GRID_SIDE = 255  # patches per side; the positions' common modulus (at most side**4) then fits ATen's 32-bit draws
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -83,8 +87,8 @@ class MultiBlockMaskSampler:
             raise ValueError(f"input_size must be positive ints divisible by patch_size {patch_size}, got {input_size!r}")
         self.patch_size = patch_size
         self.height, self.width = input_size[0] // patch_size, input_size[1] // patch_size
-        if self.height < 2 or self.width < 2:
-            raise ValueError(f"the patch grid must be at least 2x2, got {self.height}x{self.width}")
+        if not (2 <= self.height <= _MAX_GRID_SIDE and 2 <= self.width <= _MAX_GRID_SIDE):
+            raise ValueError(f"the patch grid must be from 2x2 to {_MAX_GRID_SIDE}x{_MAX_GRID_SIDE}, got {self.height}x{self.width}")
         self.enc_mask_scale = _pair("enc_mask_scale", enc_mask_scale)
         self.pred_mask_scale = _pair("pred_mask_scale", pred_mask_scale)
         self.aspect_ratio = _pair("aspect_ratio", aspect_ratio)
@@ -134,53 +138,89 @@ class MultiBlockMaskSampler:
         grid = torch.linspace(0.0, 1.0, _SIZE_CHECK_POINTS, dtype=torch.float64).tolist()
         return {self.block_size(r, scale, aspect_ratio) for r in grid}
 
-    def _corners(self, shape, size: tuple[int, int], g: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-        extra = 1 if self.fix_position_range else 0
-        top = torch.randint(0, self.height - size[0] + extra, shape, generator=g)
-        left = torch.randint(0, self.width - size[1] + extra, shape, generator=g)
-        return top.numpy(), left.numpy()
-
     def _spans(self, start: np.ndarray, length: int, extent: int) -> np.ndarray:
         """Boolean (..., extent): the rows (or columns) that [start, start + length) covers."""
         offset = np.arange(extent) - start[..., None]
         return offset.view(np.uint64) < length  # 0 <= offset < length
 
-    def _sample_context(self, target_rows, target_cols, batch_size: int, e_size, g):
-        """Context rasters (nenc * B, H * W) bool, slot e * B + b, and their patch counts,
-        by rejection in vectorized rounds: each round redraws every still-rejected slot.
-        ``target_rows`` (B, M, H) and ``target_cols`` (B, M, W) span the target blocks."""
-        B = batch_size
-        slots = self.nenc * B
-        context = counts = None
-        free = {}  # number of constraining targets -> (B, H, W): patches none of them covers
-        constraining = 0 if self.allow_overlap else self.npred
-        pending = np.arange(slots)
-        draws = 0
-        while len(pending):
-            if draws and draws % _DRAWS_PER_RELAXATION == 0:
-                logger.warning("%d context masks kept <= min_keep patches in %d draws; ignoring one more target block", len(pending), draws)
-            top, left = self._corners((len(pending),), e_size, g)
-            candidate = self._spans(top, e_size[0], self.height)[:, :, None] & self._spans(left, e_size[1], self.width)[:, None, :]
-            active = max(constraining - draws // _DRAWS_PER_RELAXATION, 0)  # targets that still constrain
-            if active:
-                if active not in free:
-                    rows, cols = target_rows[:, :active].astype(np.float32), target_cols[:, :active].astype(np.float32)
-                    free[active] = np.matmul(rows.transpose(0, 2, 1), cols) == 0
-                candidate &= free[active] if len(pending) == slots == B else free[active][pending % B]
-            candidate_counts = candidate.sum(axis=(1, 2))
-            accepted = candidate_counts > self.min_keep
-            if context is None:  # first round: every slot is pending
-                context, counts = candidate, candidate_counts
-            else:
-                context[pending[accepted]], counts[pending[accepted]] = candidate[accepted], candidate_counts[accepted]
-            pending = pending[~accepted]
-            draws += 1
-        return context.reshape(slots, -1), counts
+    def _free(self, target_rows: np.ndarray, target_cols: np.ndarray, active: int) -> np.ndarray:
+        """(..., H, W) bool: the patches none of the first ``active`` targets covers (all
+        patches when ``active`` is 0). ``target_rows`` (..., M, H), ``target_cols`` (..., M, W)."""
+        if active == 0:
+            return np.ones((*target_rows.shape[:-2], self.height, self.width), dtype=bool)
+        rows, cols = target_rows[..., :active, :].astype(np.float32), target_cols[..., :active, :].astype(np.float32)
+        return np.matmul(np.swapaxes(rows, -1, -2), cols) == 0
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None, ragged: bool = False):
+    def _context(self, free: np.ndarray, top: np.ndarray, left: np.ndarray, e_size) -> np.ndarray:
+        """(..., H, W) bool: the context rectangles at (top, left) within ``free``."""
+        rect = self._spans(top, e_size[0], self.height)[..., :, None] & self._spans(left, e_size[1], self.width)[..., None, :]
+        return rect & free
+
+    def _draw_positions(self, batch_size: int, p_size, e_size, generator: torch.Generator | None):
+        """The reference's position draws, in its order: for each sample, a (top, left) per
+        target block, then per context block (top, left) pairs until one keeps more than
+        ``min_keep`` patches. Returns the targets' (top, left), each (B, M), and the context
+        rasters (nenc * B, H * W) bool (slot e * B + b) with their patch counts.
+
+        Vectorized over samples: a round takes the draws of every remaining sample as if no
+        context were redrawn and keeps the samples before the first rejected context; that
+        sample's redraws are read one by one, and the next round starts after it."""
+        B, M, E = batch_size, self.npred, self.nenc
+        extra = 1 if self.fix_position_range else 0
+        moduli = np.array([self.height - p_size[0], self.width - p_size[1], self.height - e_size[0], self.width - e_size[1]]) + extra
+        stream = _PositionStream(generator, moduli)
+        constraining = 0 if self.allow_overlap else M
+        top, left = np.empty((B, M), dtype=np.int64), np.empty((B, M), dtype=np.int64)
+        context = np.empty((E, B, self.height, self.width), dtype=bool)
+        per_sample = 2 * (M + E)  # draws of a sample whose contexts are all accepted at once
+        b = 0
+        while b < B:
+            draws = stream.peek((B - b) * per_sample).reshape(B - b, per_sample)
+            tops, lefts = draws[:, 0 : 2 * M : 2] % moduli[0], draws[:, 1 : 2 * M : 2] % moduli[1]
+            rows, cols = self._spans(tops, p_size[0], self.height), self._spans(lefts, p_size[1], self.width)
+            free = self._free(rows, cols, constraining)
+            first = self._context(free[:, None], draws[:, 2 * M :: 2] % moduli[2], draws[:, 2 * M + 1 :: 2] % moduli[3], e_size)
+            accepted = first.sum(axis=(2, 3)) > self.min_keep  # (B - b, E)
+            if accepted.all():
+                top[b:], left[b:], context[:, b:] = tops, lefts, first.transpose(1, 0, 2, 3)
+                stream.advance((B - b) * per_sample)
+                break
+            i, e = divmod(int(np.argmin(accepted.ravel())), E)  # the first rejected context, in draw order
+            s = b + i
+            top[b : s + 1], left[b : s + 1] = tops[: i + 1], lefts[: i + 1]
+            context[:, b:s] = first[:i].transpose(1, 0, 2, 3)
+            context[:e, s] = first[i, :e]
+            stream.advance(i * per_sample + 2 * M + 2 * (e + 1))
+            for slot in range(e, E):
+                context[slot, s] = self._redraw_context(stream, rows[i], cols[i], e_size, constraining, rejected=int(slot == e))
+            b = s + 1
+        counts = context.sum(axis=(2, 3)).reshape(E * B)
+        return top, left, context.reshape(E * B, -1), counts
+
+    def _redraw_context(self, stream: "_PositionStream", rows: np.ndarray, cols: np.ndarray, e_size, constraining: int, rejected: int):
+        """One sample's context, drawn (top, left) by (top, left) after ``rejected`` failed
+        draws; after every 20 failures one more target (the last first) stops constraining it."""
+        while True:
+            active = max(constraining - rejected // _DRAWS_PER_RELAXATION, 0)
+            top, left = stream.take(2)
+            candidate = self._context(self._free(rows, cols, active), top % stream.moduli[2], left % stream.moduli[3], e_size)
+            if candidate.sum() > self.min_keep:
+                return candidate
+            rejected += 1
+            if rejected % _DRAWS_PER_RELAXATION == 0:
+                logger.warning("a context mask kept <= %d patches in %d draws; ignoring one more target block", self.min_keep, rejected)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None, ragged: bool = False,
+               position_generator: torch.Generator | None = None):
         """Masks for one batch: ``(masks_enc, masks_pred)``, lists of (batch_size, K) int64
-        tensors on ``device`` (default CPU). ``generator`` is a CPU torch.Generator
-        (default: the global one); a given seed gives the same masks on every device.
+        tensors on ``device`` (default CPU).
+
+        The random numbers are the reference collator's: two float32 draws from ``generator``
+        set the target and context block sizes, then the block positions come from
+        ``position_generator`` (default: ``generator``) in the reference's order. Both are
+        CPU torch.Generators (None: the global one); a given seed gives the same masks on
+        every device. The reference collator is ``generator`` seeded with the batch counter
+        and ``position_generator`` the global RNG (``MaskCollator``).
 
         ``ragged=True`` keeps every sampled context token: ``masks_enc`` is then a list of
         ``nenc`` ``PackedMasks`` (batch_size rows each, ascending indices, lengths known on
@@ -188,19 +228,19 @@ class MultiBlockMaskSampler:
         minimum. The target masks are the same dense, truncated tensors either way."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (masks are drawn on the host), got one on {generator.device}")
+        for name, g in (("generator", generator), ("position_generator", position_generator)):
+            if g is not None and g.device.type != "cpu":
+                raise ValueError(f"{name} must be a CPU torch.Generator (masks are drawn on the host), got one on {g.device}")
         device = torch.device("cpu") if device is None else torch.device(device)
         B, M, W = batch_size, self.npred, self.width
-        r_pred, r_enc = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        r_pred = torch.rand(1, generator=generator).item()
+        r_enc = torch.rand(1, generator=generator).item()
         (h, w) = p_size = self.block_size(r_pred, self.pred_mask_scale, self.aspect_ratio)
         e_size = self.block_size(r_enc, self.enc_mask_scale, (1.0, 1.0))
 
-        top, left = self._corners((B, M), p_size, generator)
+        top, left, context, counts = self._draw_positions(B, p_size, e_size, generator if position_generator is None else position_generator)
         cells = np.arange(h * w)
         masks_pred = (top * W + left).T[..., None] + (cells // w) * W + cells % w  # (M, B, h * w)
-        target_rows, target_cols = self._spans(top, h, self.height), self._spans(left, w, W)
-        context, counts = self._sample_context(target_rows, target_cols, B, e_size, generator)
         if ragged:
             return self._ragged(masks_pred, context, counts, B, device)
         masks_enc = _first_indices(context, counts, int(counts.min()))  # (nenc * B, k)
@@ -232,6 +272,34 @@ class MultiBlockMaskSampler:
         return masks_enc, list(targets.view(M, B, K).unbind(0))
 
 
+class _PositionStream:
+    """The reference's block positions, ``torch.randint(0, m, (1,))`` one at a time for moduli m,
+    read from vectorized draws. ATen's CPU ``randint`` takes each element as a 32-bit draw mod
+    its range, element after element, so a draw mod L, with L a multiple of every m, reduced mod
+    m is the one-at-a-time value. ``peek`` draws only values the reference will also consume."""
+
+    def __init__(self, generator: torch.Generator | None, moduli: np.ndarray):
+        self.generator, self.moduli = generator, moduli
+        self.modulus = math.lcm(*(int(m) for m in moduli))
+        assert self.modulus < 2**32, "the constructor keeps grid sides <= 255, so that ATen draws 32 bits per value"
+        self.drawn = np.empty(0, dtype=np.int64)  # drawn, not consumed yet
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next n values (drawing the ones not drawn yet), left unconsumed."""
+        if len(self.drawn) < n:
+            more = torch.randint(0, self.modulus, (n - len(self.drawn),), generator=self.generator).numpy()
+            self.drawn = np.concatenate([self.drawn, more])
+        return self.drawn[:n]
+
+    def advance(self, n: int) -> None:
+        self.drawn = self.drawn[n:]
+
+    def take(self, n: int) -> np.ndarray:
+        values = self.peek(n)
+        self.advance(n)
+        return values
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return t
@@ -251,9 +319,9 @@ def _first_indices(raster: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray
 
 class MaskCollator:
     """DataLoader ``collate_fn`` returning ``(collated_batch, masks_enc, masks_pred)``,
-    the reference collator's interface and distribution. Batch i (counted by the
-    shared ``step()`` counter, as in the reference) draws its masks from a generator
-    seeded with i."""
+    the reference collator's interface and random numbers: batch i (counted by the shared
+    ``step()`` counter) draws its block sizes from a generator seeded with i and the
+    positions from the global torch RNG."""
 
     def __init__(
         self,
@@ -281,5 +349,5 @@ class MaskCollator:
     def __call__(self, batch):
         collated_batch = default_collate(batch)
         generator = torch.Generator().manual_seed(self.step())
-        masks_enc, masks_pred = self.sampler.sample(len(batch), generator=generator)
+        masks_enc, masks_pred = self.sampler.sample(len(batch), generator=generator, position_generator=torch.default_generator)
         return collated_batch, masks_enc, masks_pred
