@@ -3,6 +3,7 @@ attention numerics (fp64 manual softmax reference), position tables, bad input."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,7 @@ def test_bf16_autocast_forward_stays_close_to_fp32():
 def test_sincos_table_matches_the_closed_form():
     dim, grid = 16, 5
     table = vit.get_2d_sincos_pos_embed(dim, grid)
-    assert table.shape == (grid * grid, dim) and table.dtype == torch.float32
+    assert isinstance(table, np.ndarray) and table.shape == (grid * grid, dim) and table.dtype == np.float64
     quarter = dim // 4
     for n in (0, 3, 7, 24):
         row, col = divmod(n, grid)
@@ -128,7 +129,52 @@ def test_sincos_table_matches_the_closed_form():
         for coordinate in (col, row):  # first half: column, second half: row
             angles = [coordinate / 10000 ** (i / quarter) for i in range(quarter)]
             expected += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
-        torch.testing.assert_close(table[n], torch.tensor(expected, dtype=torch.float32), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(table[n], expected, rtol=0, atol=1e-12)
+    model = vit.vit_tiny(img_size=[grid * 8], patch_size=8, depth=1)
+    assert torch.equal(model.pos_embed[0], torch.from_numpy(vit.get_2d_sincos_pos_embed(192, grid)).float())
+
+
+def test_sincos_helpers_agree_with_each_other_and_add_a_zero_cls_row():
+    dim, grid = 12, 3
+    one_d = vit.get_1d_sincos_pos_embed(dim, grid)
+    assert one_d.shape == (grid, dim)
+    np.testing.assert_array_equal(one_d, vit.get_1d_sincos_pos_embed_from_grid(dim, np.arange(grid)))
+    np.testing.assert_allclose(one_d[2, :3], [math.sin(2 / 10000 ** (i / 6)) for i in range(3)], rtol=0, atol=1e-15)
+    with_cls = vit.get_2d_sincos_pos_embed(dim, grid, cls_token=True)
+    assert with_cls.shape == (grid * grid + 1, dim) and not with_cls[0].any()
+    np.testing.assert_array_equal(with_cls[1:], vit.get_2d_sincos_pos_embed(dim, grid))
+    cols, rows = np.meshgrid(np.arange(grid), np.arange(grid))  # token n: column n % grid, row n // grid
+    np.testing.assert_array_equal(vit.get_2d_sincos_pos_embed_from_grid(dim, np.stack([cols, rows])), with_cls[1:])
+    assert vit.get_1d_sincos_pos_embed(dim, grid, cls_token=True).shape == (grid + 1, dim)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vit.get_2d_sincos_pos_embed(10, grid)
+
+
+def test_drop_path_zeroes_whole_samples_and_keeps_the_mean():
+    x = torch.ones(4000, 3, 2)
+    assert vit.drop_path(x, 0.25, training=False) is x and vit.drop_path(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    out = vit.drop_path(x, 0.25, training=True)
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all(), "a sample is dropped or scaled as a whole"
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    torch.manual_seed(0)
+    keep = (0.75 + torch.rand(4000, 1, 1)).floor()  # one uniform per sample, floor(keep + u)
+    assert torch.equal(out, x / 0.75 * keep)
+    layer = vit.DropPath()  # drop_prob None: identity, in training too
+    assert layer(x) is x and vit.DropPath(0.25).eval()(x) is x
+
+
+def test_conv_embed_stem_layers_and_tokens():
+    stem = vit.ConvEmbed([8, 16, 24], [2, 2, 1], img_size=[32])
+    assert [type(m).__name__ for m in stem.stem] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
+    assert stem.stem[0].bias is None and stem.stem[6].kernel_size == (1, 1) and stem.num_patches == 64
+    assert stem(torch.randn(2, 3, 32, 32)).shape == (2, 64, 24)
+    plain = vit.ConvEmbed([8, 24], [4, 2], img_size=32, batch_norm=False)
+    assert [type(m).__name__ for m in plain.stem] == ["Conv2d", "ReLU", "Conv2d"] and plain.stem[0].bias is not None
+    assert plain(torch.randn(1, 3, 32, 32)).shape == (1, plain.num_patches, 24) and plain.num_patches == 16
+    with pytest.raises(ValueError, match="one stride per"):
+        vit.ConvEmbed([8, 16], [2])
 
 
 def test_encoder_and_predictor_shapes_with_several_masks():

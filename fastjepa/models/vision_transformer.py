@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,8 +32,14 @@ from fastjepa.utils.tensors import repeat_interleave_batch, trunc_normal_
 __all__ = [
     "VIT_EMBED_DIMS",
     "VIT_SHAPES",
+    "get_1d_sincos_pos_embed",
+    "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
+    "get_2d_sincos_pos_embed_from_grid",
+    "drop_path",
+    "DropPath",
     "PatchEmbed",
+    "ConvEmbed",
     "MLP",
     "Attention",
     "Block",
@@ -49,38 +56,68 @@ __all__ = [
 ]
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table (grid_size**2, embed_dim), float32, computed in float64.
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos) -> np.ndarray:
+    """(M, embed_dim) float64 for the M positions in ``pos`` (any shape, read flat):
+    [sin(p * w_i), cos(p * w_i)] with w_i = 10000 ** (-i / (embed_dim / 2))."""
+    if embed_dim % 2 != 0:
+        raise ValueError(f"embed_dim must be even for a sin-cos table, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2))
+    angle = np.outer(np.asarray(pos, dtype=np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
 
-    Token n sits at row n // grid_size, column n % grid_size. The first half of
-    the channels encodes the column and the second half the row; each half is
-    [sin(p * w_i), cos(p * w_i)] with w_i = 10000 ** (-i / (embed_dim / 4)).
-    """
+
+def get_1d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    """(grid_size, embed_dim) float64 table of positions 0 .. grid_size - 1; a zero row first with ``cls_token``."""
+    return _with_cls_row(get_1d_sincos_pos_embed_from_grid(embed_dim, np.arange(grid_size, dtype=np.float64)), cls_token)
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim: int, grid) -> np.ndarray:
+    """(M, embed_dim) float64 for a (2, ...) grid of M token coordinates: the first half of the
+    channels encodes ``grid[0]``, the second half ``grid[1]``."""
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos table, got {embed_dim}")
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    n = torch.arange(grid_size * grid_size, dtype=torch.float64)
-    halves = []
-    for coordinate in (n % grid_size, torch.div(n, grid_size, rounding_mode="floor")):
-        angle = coordinate[:, None] * omega[None, :]
-        halves += [angle.sin(), angle.cos()]
-    return torch.cat(halves, dim=1).float()
+    half = embed_dim // 2
+    return np.concatenate([get_1d_sincos_pos_embed_from_grid(half, grid[0]), get_1d_sincos_pos_embed_from_grid(half, grid[1])], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    """Fixed 2-D sin-cos table (grid_size**2, embed_dim), float64 (the models store it as
+    float32); a zero row first with ``cls_token``. Token n sits at row n // grid_size, column
+    n % grid_size; the first half of the channels encodes the column, the second the row."""
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+    return _with_cls_row(get_2d_sincos_pos_embed_from_grid(embed_dim, np.stack([cols, rows])), cls_token)
+
+
+def _with_cls_row(table: np.ndarray, cls_token: bool) -> np.ndarray:
+    return np.concatenate([np.zeros((1, table.shape[1])), table], axis=0) if cls_token else table
+
+
+def _pos_embed_parameter(embed_dim: int, grid_size: int) -> nn.Parameter:
+    """The frozen (1, grid_size**2, embed_dim) float32 position table of a model."""
+    table = torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid_size)).float()
+    return nn.Parameter(table.unsqueeze(0), requires_grad=False)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth: zero whole samples with probability ``drop_prob`` and scale the rest
+    by 1 / (1 - drop_prob); identity when ``drop_prob`` is 0 or outside training. The keep
+    decision is floor(keep + U[0, 1)) with one ``torch.rand`` per sample, as the reference draws it."""
+    if not drop_prob or not training:
+        return x
+    keep = 1.0 - drop_prob
+    kept = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep) * kept
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (identity when ``drop_prob`` is 0 or in eval)."""
+    """``drop_path`` as a module (``drop_prob`` None or 0: identity)."""
 
-    def __init__(self, drop_prob: float = 0.0):
+    def __init__(self, drop_prob=None):
         super().__init__()
         self.drop_prob = drop_prob
 
     def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return drop_path(x, self.drop_prob, self.training)
 
 
 class MLP(nn.Module):
@@ -181,6 +218,32 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ConvEmbed(nn.Module):
+    """A convolutional stem instead of patches (Xiao et al., "Early convolutions help
+    transformers see better"): 3x3 convolutions with the given output ``channels`` and
+    ``strides`` (each followed by BatchNorm when ``batch_norm``, without a conv bias then,
+    and ReLU), and a final 1x1 convolution to ``channels[-1]`` -> (B, N, channels[-1]).
+    ``strides`` has one entry per convolution, the 1x1 one last. No model here builds it."""
+
+    def __init__(self, channels, strides, img_size=224, in_chans=3, batch_norm=True):
+        super().__init__()
+        if len(channels) < 1 or len(strides) != len(channels):
+            raise ValueError(f"ConvEmbed needs one stride per output channel count, got channels={channels!r}, strides={strides!r}")
+        widths = [in_chans, *channels]
+        layers = []
+        for c_in, c_out, stride in zip(widths[:-2], widths[1:-1], strides[:-1]):
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Conv2d(widths[-2], widths[-1], kernel_size=1, stride=strides[-1]))
+        self.stem = nn.Sequential(*layers)
+        self.num_patches = (_image_side(img_size) // math.prod(strides)) ** 2
+
+    def forward(self, x):
+        return self.stem(x).flatten(2).transpose(1, 2)
 
 
 def _image_side(img_size) -> int:
@@ -286,7 +349,7 @@ class VisionTransformer(nn.Module):
         self.init_std = init_std
         self.patch_embed = PatchEmbed(_image_side(img_size), patch_size, in_chans, embed_dim)
         grid = int(math.isqrt(self.patch_embed.num_patches))
-        self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(embed_dim, grid).unsqueeze(0), requires_grad=False)
+        self.pos_embed = _pos_embed_parameter(embed_dim, grid)
         dpr = _drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
@@ -374,9 +437,7 @@ class VisionTransformerPredictor(nn.Module):
         self.init_std = init_std
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
-        self.predictor_pos_embed = nn.Parameter(
-            get_2d_sincos_pos_embed(predictor_embed_dim, grid).unsqueeze(0), requires_grad=False
-        )
+        self.predictor_pos_embed = _pos_embed_parameter(predictor_embed_dim, grid)
         dpr = _drop_path_rates(drop_path_rate, depth)
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)

@@ -1,10 +1,15 @@
-"""Tensor helpers with the reference's names (``src/utils/tensors.py``)."""
+"""Tensor helpers with the reference's names (``src/utils/tensors.py``). Its ``apply_masks``, a
+duplicate of ``src/masks/utils.py``'s there, is the one of ``fastjepa.utils.masking`` here."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from fastjepa.utils.masking import apply_masks
+
+__all__ = ["apply_masks", "repeat_interleave_batch", "trunc_normal_"]
 
 
 @torch.no_grad()
