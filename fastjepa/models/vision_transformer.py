@@ -358,6 +358,9 @@ class VisionTransformer(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.grad_checkpointing = False  # meta.activation_checkpointing: see run_blocks
         self.apply(partial(_init_weights, std=init_std))
+        self.fix_init_weight()
+
+    def fix_init_weight(self) -> None:
         _rescale_residual_projections(self.blocks)
 
     def interpolate_pos_encoding(self, x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
@@ -448,6 +451,9 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         trunc_normal_(self.mask_token, std=init_std)
         self.apply(partial(_init_weights, std=init_std))
+        self.fix_init_weight()
+
+    def fix_init_weight(self) -> None:
         _rescale_residual_projections(self.predictor_blocks)
 
     def forward(self, x, masks_x, masks, shared_context: bool = False):
