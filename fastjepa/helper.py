@@ -1,9 +1,10 @@
 """Model, optimizer and checkpoint set-up with the reference's signatures (``src/helper.py``).
 
 Differences from the reference, on purpose:
-* no GradScaler: ``init_opt`` returns ``scaler=None`` (bf16 needs no loss scaling; the
-  trainer's non-finite guard, ``fastjepa.step.nonfinite_flag``, catches what the scaler's
-  inf check would);
+* ``init_opt`` returns the reference's GradScaler for ``use_bfloat16`` (a fork of the
+  reference's train.py calls it), but fastjepa's own trainer asks for none: bf16 needs no loss
+  scaling, and its non-finite guard, ``fastjepa.step.nonfinite_flag``, catches what the
+  scaler's inf check would, without its host sync;
 * AdamW is fused on a GPU (``fused=True``: the same update in one kernel);
 * a checkpoint that cannot be loaded raises ``CheckpointError`` instead of being
   logged and silently replaced by a fresh start.
@@ -90,7 +91,8 @@ def init_opt(
 ):
     """AdamW over the four parameter groups plus the lr and weight-decay schedules, fused
     (one kernel over all parameters, same update) when the parameters are on a GPU.
-    Returns ``(optimizer, scaler, scheduler, wd_scheduler)`` with ``scaler`` None."""
+    Returns ``(optimizer, scaler, scheduler, wd_scheduler)``: ``scaler`` is a CUDA GradScaler
+    with ``use_bfloat16`` (disabled, with torch's warning, where CUDA is absent), else None."""
     on_gpu = next(encoder.parameters()).device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(encoder, predictor), fused=on_gpu or None)
     total_steps = int(ipe_scale * num_epochs * iterations_per_epoch)
@@ -103,7 +105,8 @@ def init_opt(
         T_max=total_steps,
     )
     wd_scheduler = CosineWDSchedule(optimizer, ref_wd=wd, final_wd=final_wd, T_max=total_steps)
-    return optimizer, None, scheduler, wd_scheduler
+    scaler = torch.amp.GradScaler("cuda") if use_bfloat16 else None
+    return optimizer, scaler, scheduler, wd_scheduler
 
 
 def _fit_prefix(state: dict, model: torch.nn.Module) -> dict:

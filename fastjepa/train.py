@@ -158,7 +158,8 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
                  accumulating=opt_cfg["grad_accum_steps"] > 1)
     optimizer, _, lr_scheduler, wd_scheduler = init_opt(
         encoder, predictor, ipe, opt_cfg["start_lr"], opt_cfg["lr"], opt_cfg["warmup"], opt_cfg["epochs"],
-        opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], meta["use_bfloat16"], opt_cfg["ipe_scale"])
+        opt_cfg["weight_decay"], opt_cfg["final_weight_decay"], opt_cfg["final_lr"], use_bfloat16=False, ipe_scale=opt_cfg["ipe_scale"])
+    # use_bfloat16=False: no GradScaler (bf16 needs no loss scaling; fastjepa.step's guard skips non-finite steps)
     schedulers = (lr_scheduler, wd_scheduler, momentum_schedule(opt_cfg["ema"], ipe, opt_cfg["epochs"], opt_cfg["ipe_scale"]))
     start_epoch, start_itr = 0, 0
     if checkpoint is not None:

@@ -1,5 +1,6 @@
 """init_opt's groups and schedules; checkpoints: round trip, DDP prefixes, failures."""
 
+import contextlib
 import copy
 import os
 
@@ -18,6 +19,17 @@ def models():
 
 def make_opt(encoder, predictor):
     return init_opt(encoder, predictor, iterations_per_epoch=10, start_lr=1e-4, ref_lr=1e-3, warmup=2, num_epochs=5, wd=0.04, final_wd=0.4, ipe_scale=1.0)
+
+
+def test_init_opt_returns_the_reference_grad_scaler_with_bfloat16(models):
+    """A fork of the reference's train.py calls scaler.scale(loss).backward() when use_bfloat16;
+    without CUDA torch disables the scaler (with a warning) and it passes values through."""
+    encoder, predictor = models
+    with pytest.warns(UserWarning, match="CUDA is not available") if not torch.cuda.is_available() else contextlib.nullcontext():
+        optimizer, scaler, _, _ = init_opt(encoder, predictor, 10, 1e-4, 1e-3, 2, 5, use_bfloat16=True)
+    assert isinstance(scaler, torch.amp.GradScaler)
+    assert scaler.is_enabled() == torch.cuda.is_available()
+    assert init_opt(encoder, predictor, 10, 1e-4, 1e-3, 2, 5, use_bfloat16=False)[1] is None
 
 
 def test_init_opt_groups_and_schedules(models):
