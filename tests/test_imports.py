@@ -112,7 +112,7 @@ LAYERS = (
     ("fastjepa.cli", "fastjepa.__main__", "fastjepa.train", "fastjepa.run", "fastjepa.config", "fastjepa.submit", "fastjepa.plan",
      "fastjepa.info", "fastjepa.eval", "fastjepa.plot", "fastjepa.weights"),
     ("fastjepa.step",),
-    ("fastjepa.data", "fastjepa.masks"),
+    ("fastjepa.data", "fastjepa.masks", "fastjepa.transforms", "fastjepa.datasets"),
     ("fastjepa.models",),
     ("fastjepa.ops",),
 )
