@@ -4,6 +4,8 @@ loop and ``fastjepa.train.main``, a resume, and the submitit job's requeue."""
 
 import copy
 import csv
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -119,3 +121,21 @@ def test_main_distributed_trainer_requeue_resumes_from_latest(tmp_path, config, 
     fname.write_text(yaml.safe_dump(config))
     second = requeued.function()
     assert second.steps == 6 and torch.load(latest, weights_only=False)["epoch"] == 2  # epoch 2 only: resumed
+
+
+@pytest.mark.slow
+def test_the_reference_train_py_on_fastjepa_logs_the_reference_losses(tmp_path):
+    """benchmarks/reference_parity.py against a checkout of the reference (FASTJEPA_REFERENCE):
+    bit-equal losses and mask sizes at 0 workers, and at 2 workers where the block sizes do not
+    depend on the reference's racy step counter."""
+    reference = os.environ.get("FASTJEPA_REFERENCE")
+    if not reference:
+        pytest.skip("set FASTJEPA_REFERENCE to a checkout of facebookresearch/ijepa (CI cannot fetch it)")
+    pytest.importorskip("torchvision", reason="the reference's transforms and ImageFolder need torchvision")
+    results = tmp_path / "parity.jsonl"
+    done = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "reference_parity.py"), "--reference", reference, "--runs", "1",
+                           "--epochs", "1", "--results", str(results)], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {(r["config"], r["workers"]): r for r in map(json.loads, results.read_text().splitlines())}
+    for key in [("vith14-cut-down", 0), ("fixed-block-size", 0), ("fixed-block-size", 2)]:
+        assert rows[key]["max_loss_diff"] == 0 and rows[key]["mask_sizes_equal"], rows[key]
