@@ -11,7 +11,7 @@ ViT-tiny is pretrained on it with ``fastjepa.train.fit`` and SETTINGS below. The
 target encoder (the paper's choice), the trained context encoder and the same architecture at
 random init -- ``torch.manual_seed(seed); init_model(...)``, exactly the weights the run started
 from -- are frozen, their average-pooled tokens extracted for both splits, and the test split
-classified with a k=20 weighted kNN and a linear probe. A raw-pixel kNN (8x8) is printed as a
+classified with a k=20 weighted kNN and the logreg probe (fastjepa.eval.logreg). A raw-pixel kNN (8x8) is printed as a
 reference point. One row is appended to benchmarks/results/digits_knn.jsonl (or --results).
 
 What it shows (2 CPU cores, ~2 minutes of training, seeds 0/1/2): the target encoder stays level
@@ -40,7 +40,11 @@ import torch  # noqa: E402
 from common import RESULTS, cpu_name, write_rows  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fastjepa.eval import encoder_from_checkpoint, extract_features, knn_top1, linear_probe_top1, load_digits  # noqa: E402
+from fastjepa.eval.datasets import Split, load_digits  # noqa: E402
+from fastjepa.eval.features import extract  # noqa: E402
+from fastjepa.eval.knn import knn_predict  # noqa: E402
+from fastjepa.eval.logreg import logreg_probe  # noqa: E402
+from fastjepa.eval.runner import load_frozen_encoder  # noqa: E402
 from fastjepa.helper import init_model  # noqa: E402
 from fastjepa.train import fit  # noqa: E402
 
@@ -90,13 +94,18 @@ def write_images(folder: Path, images: torch.Tensor, labels: torch.Tensor) -> No
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(target / f"{index:04d}.png")
 
 
+def knn_top1(train, train_labels, test, test_labels) -> float:
+    predicted = knn_predict(train, train_labels, test, num_classes=10, ks=(K,))[K]
+    return float((predicted == test_labels).float().mean())
+
+
 def probe(encoder, train_images, train_labels, test_images, test_labels) -> dict[str, float]:
-    train = extract_features(encoder, train_images)
-    test = extract_features(encoder, test_images)
-    return {
-        "knn": knn_top1(train, train_labels, test, test_labels, k=K),
-        "linear": linear_probe_top1(train, train_labels, test, test_labels),
-    }
+    """kNN (k=K) and logistic-regression (the logreg probe) top-1 on average-pooled features."""
+    classes = [str(d) for d in range(10)]
+    train, test = (extract(encoder, Split("digits", labels, classes, [f"{i}" for i in range(len(labels))], images=images), ("last",), IMAGE_SIZE,
+                           progress=False)["last"] for images, labels in ((train_images, train_labels), (test_images, test_labels)))
+    return {"knn": knn_top1(train, train_labels, test, test_labels),
+            "linear": logreg_probe(train, train_labels, test, test_labels, num_classes=10).top1}
 
 
 def settings_summary(settings: dict) -> str:
@@ -141,15 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
         train_seconds = time.perf_counter() - started
         if args.quick:
             split = tuple(tensor[::QUICK_EVAL_STRIDE] for tensor in split)
-        scores = {which: probe(encoder_from_checkpoint(result.latest_checkpoint, which=which), *split)
-                  for which in ("target_encoder", "encoder")}
+        scores = {which: probe(load_frozen_encoder(result.latest_checkpoint, encoder=encoder), *split)
+                  for which, encoder in (("target_encoder", "target"), ("encoder", "context"))}
 
     torch.manual_seed(args.seed)  # fit seeds this way right before init_model: the run's initial weights
     random_encoder, _ = init_model("cpu", settings["patch_size"], settings["model_name"], settings["crop_size"],
                                    settings["pred_depth"], settings["pred_emb_dim"])
     scores["random"] = probe(random_encoder, *split)
     raw = load_digits(8, test_fraction=0.3, seed=0)
-    knn_pixels = knn_top1(raw[0].flatten(1).float(), raw[1], raw[2].flatten(1).float(), raw[3], k=K)
+    knn_pixels = knn_top1(raw[0].flatten(1).float(), raw[1], raw[2].flatten(1).float(), raw[3])
 
     losses = result.losses
     row = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -68,28 +69,47 @@ def _submit(args) -> int:
 
 
 def _plot(args) -> int:
-    from fastjepa.plot import plot_run
+    from fastjepa.plot import eval_results_in, plot_eval, plot_run
 
-    print(plot_run(args.folder))
+    evaluations = eval_results_in(args.folder) if os.path.isdir(args.folder) else []
+    for results in evaluations:  # an eval run's folder: one grid per probe
+        print(plot_eval(results))
+    if not evaluations:
+        print(plot_run(args.folder))
     return 0
 
 
 def _eval(args) -> int:
-    from fastjepa.eval import evaluate
+    import time
+    from pathlib import Path
 
-    if args.data is not None and args.dataset is not None:
-        raise UsageError("give either --data DIR or --dataset digits, not both")
-    shape = {k: v for k, v in (("model_name", args.model_name), ("patch_size", args.patch_size), ("crop_size", args.crop_size)) if v is not None}
-    source = {"checkpoint": args.checkpoint}
-    if args.weights is not None:
-        from fastjepa.weights import load_encoder
+    from fastjepa.distributed import rank, setup, teardown
+    from fastjepa.eval.results import format_table, write_results
+    from fastjepa.eval.runner import evaluate, load_frozen_encoder
 
-        if shape:
-            raise UsageError("--model-name, --patch-size and --crop-size go with --checkpoint; --weights reads the shape off the weights")
-        source = {"encoder": load_encoder(args.weights, encoder={"target_encoder": "target", "encoder": "context"}[args.encoder])}
-    result = evaluate(args.method, **source, dataset=args.dataset or ("digits" if args.data is None else None),
-                      data=args.data, which=args.encoder, k=args.k, batch_size=args.batch_size, device=args.device, **shape)
-    print(f"{args.method} top-1: {100 * result['top1']:.2f}% ({result['train']} train / {result['test']} test images)")
+    device, started = setup(args.device or "cpu")  # under torchrun: join the group, each rank on its own GPU
+    try:
+        path = args.checkpoint or args.weights
+        encoder = load_frozen_encoder(path, encoder=args.encoder, device=device)
+        out = Path(args.out) if args.out else Path.cwd() / f"fastjepa-eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        options = {keyword: getattr(args, dest) for dest, keyword in _PROBE_OPTIONS[args.method].items() if getattr(args, dest) is not None}
+        if args.method == "attentive" and args.probe_heads is not None:
+            from fastjepa.eval.attentive import probe_grid
+
+            options["grid"] = probe_grid(args.probe_heads)
+        augmentation = getattr(args, "augmentation", None) or "none"
+        result, context = evaluate(args.method, encoder, args.data, image_size=args.image_size, per_class=args.per_class, fraction=args.fraction,
+                                   subset=args.subset, seed=args.seed, batch_size=args.batch_size,
+                                   cache=None if args.no_cache else out / "features", num_workers=args.num_workers or 0,
+                                   augmentation=augmentation, progress=not args.no_progress, **options)
+        if rank() == 0:
+            written = write_results(result, out / f"{args.method}.json", weights=os.fspath(path), encoder=args.encoder,
+                                    command=args.command_line, **context)
+            print(format_table(result))
+            print(f"results: {written}  (fastjepa plot {out} draws the heads' grid)")
+    finally:
+        if started:
+            teardown()
     return 0
 
 
@@ -156,12 +176,96 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# Long by nature: one declaration per command and option, read top to bottom like the help it prints.
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 1e-3,1e-2, got {text!r}") from None
+    return values
 
-    # what train and submit share: the config, the run folder and the run's length
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+# Each probe's own options: command-line dest -> the keyword of its function (fastjepa.eval.runner.evaluate's **options).
+_PROBE_OPTIONS = {
+    "linear": {"lrs": "lrs", "weight_decays": "weight_decays", "heads": "heads", "epochs": "epochs", "probe_batch_size": "batch_size",
+               "optimizer": "optimizer", "holdout": "holdout"},
+    "logreg": {"lambd": "lambd", "max_iter": "max_iter"},
+    "attentive": {"epochs": "epochs", "probe_batch_size": "batch_size", "holdout": "holdout"},
+    "knn": {"ks": "ks", "temperature": "temperature", "holdout": "holdout"},
+}
+
+
+def _add_eval_parsers(commands) -> None:
+    """``fastjepa eval METHOD``: one sub-command per probe, each with its own options beside the shared ones."""
+    shared = argparse.ArgumentParser(add_help=False)
+    source = shared.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (fastjepa's or the reference's)")
+    source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes: a checkpoint, a Hugging Face "
+                                                          "IJepa folder, a timm or fastjepa .safetensors file (the shape is read off them)")
+    shared.add_argument("--encoder", choices=("target", "context"), default="target",
+                        help="which encoder of a training checkpoint (default: target, the EMA encoder the paper evaluates)")
+    shared.add_argument("--data", default="digits", metavar="DIR|digits|shapes-count|shapes-dist",
+                        help="DIR/train/<class>/* and DIR/val/<class>/*, or a built-in set (default digits)")
+    shared.add_argument("--image-size", type=_positive_int, help="must equal the encoder's training crop (the default)")
+    low_shot = shared.add_mutually_exclusive_group()
+    low_shot.add_argument("--per-class", type=_positive_int, metavar="N", help="train on N seeded images of every class")
+    low_shot.add_argument("--fraction", type=_fraction, metavar="F", help="train on a seeded fraction F of every class (1%%: 0.01)")
+    low_shot.add_argument("--subset", metavar="FILE", help="train on the images a list names (the reference's ImageNetSubset .txt)")
+    shared.add_argument("--seed", type=int, default=0, help="the subset, the held-out split, the heads' init and order")
+    shared.add_argument("--out", metavar="DIR", help="results (METHOD.json) and the feature cache (features/); default: a new folder here")
+    shared.add_argument("--no-cache", action="store_true", help="encode again instead of reading DIR/features")
+    shared.add_argument("--batch-size", type=_positive_int, default=256, help="images per encoder batch")
+    shared.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu; under torchrun, cuda means each rank's own GPU)")
+    shared.add_argument("--num-workers", type=_positive_int, help="image decoding processes for folders (default: in this process)")
+    shared.add_argument("--no-progress", action="store_true")
+
+    evaluation = commands.add_parser("eval", help="frozen-feature probes: linear grid, logreg, attentive, kNN")
+    methods = evaluation.add_subparsers(dest="method", required=True, metavar="METHOD")
+    linear = methods.add_parser("linear", parents=[shared], help="a grid of linear heads (lr x weight decay x head x features) in one pass")
+    linear.add_argument("--lrs", type=_floats, help="learning rates, scaled by batch/256 (default: 13 values from 1e-5 to 0.1)")
+    linear.add_argument("--weight-decays", type=_floats, help="default 0,5e-4")
+    linear.add_argument("--heads", type=_names, help="linear and/or bn (BatchNorm then linear); default both")
+    linear.add_argument("--epochs", type=_positive_int)
+    linear.add_argument("--probe-batch-size", type=_positive_int, help="features per step of the heads")
+    linear.add_argument("--optimizer", choices=("sgd", "lars"), help="SGD with momentum 0.9 (default) or LARS for large batches")
+    linear.add_argument("--holdout", type=_fraction, help="fraction of each class held out of train to choose the head (default 0.1)")
+    linear.add_argument("--augmentation", choices=("none", "rrc-flip", "center-flip"),
+                        help="none: features once, cached (default); rrc-flip / center-flip (Clevr): train images re-encoded each epoch")
+    logreg = methods.add_parser("logreg", parents=[shared], help="L2 multinomial logistic regression for extreme low-shot (MSN)")
+    logreg.add_argument("--lambd", type=float, help="the L2 weight (default 0.00025 / N)")
+    logreg.add_argument("--max-iter", type=_positive_int)
+    attentive = methods.add_parser("attentive", parents=[shared], help="V-JEPA's attentive probe over the patch tokens")
+    attentive.add_argument("--probe-heads", type=_positive_int, dest="probe_heads", metavar="K",
+                           help="K probes over an (lr, weight decay) grid in one pass, chosen on held-out train (default 1)")
+    attentive.add_argument("--epochs", type=_positive_int)
+    attentive.add_argument("--probe-batch-size", type=_positive_int)
+    attentive.add_argument("--holdout", type=_fraction)
+    knn = methods.add_parser("knn", parents=[shared], help="weighted kNN on L2-normalised features (DINO's)")
+    knn.add_argument("--k", type=_ints, dest="ks", help="neighbour counts (default 10,20,100,200), the best chosen on held-out train")
+    knn.add_argument("--temperature", type=float)
+    knn.add_argument("--holdout", type=_fraction)
+    evaluation.set_defaults(run=_eval)
+
+
+def _add_run_parsers(commands) -> None:
+    """``train`` and ``submit``, which share the config, the run folder and the run's length."""
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--config", metavar="PATH|NAME", help="a YAML config in the reference's format (its published configs work unchanged), "
                                                          "or a shipped recipe by name: vit_s16_in1k, vit_b16_in1k, vit_b16_in1k_1gpu")
@@ -199,27 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--cluster", choices=("slurm", "local", "debug"), help="submitit executor (default: slurm when sbatch is found)")
     submit.set_defaults(run=_submit)
 
-    plot = commands.add_parser("plot", help="draw a run's loss, lr, momentum and throughput curves to PNG")
+
+def _add_plot_parser(commands) -> None:
+    plot = commands.add_parser("plot", help="draw a training run's curves, or an eval run's grid of heads, to PNG")
     plot.add_argument("folder", metavar="OUT_DIR")
     plot.set_defaults(run=_plot)
 
-    evaluation = commands.add_parser("eval", help="kNN or linear probe of a frozen encoder")
-    evaluation.add_argument("method", choices=("knn", "linear"))
-    source = evaluation.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH", help="a training checkpoint (fastjepa's or the reference's)")
-    source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes: a checkpoint, a Hugging Face "
-                                                          "IJepa folder, a timm or fastjepa .safetensors file (the shape is read off them)")
-    evaluation.add_argument("--dataset", choices=("digits",), help="scikit-learn's digits (the default without --data)")
-    evaluation.add_argument("--data", metavar="DIR", help="a labeled image folder with train/ and val/ class subfolders")
-    evaluation.add_argument("--encoder", choices=("target_encoder", "encoder"), default="target_encoder")
-    evaluation.add_argument("--k", type=_positive_int, default=20, help="neighbours for knn")
-    evaluation.add_argument("--batch-size", type=_positive_int, default=256)
-    evaluation.add_argument("--device")
-    evaluation.add_argument("--model-name", help="model shape, for checkpoints without a fastjepa config")
-    evaluation.add_argument("--patch-size", type=_positive_int)
-    evaluation.add_argument("--crop-size", type=_positive_int)
-    evaluation.set_defaults(run=_eval)
 
+def _add_export_parser(commands) -> None:
     export = commands.add_parser(
         "export", help="write an encoder for Hugging Face transformers, timm or safetensors",
         description="Write one encoder of a checkpoint (or of weights in any format below) as: hf, a folder "
@@ -236,9 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing --out")
     export.set_defaults(run=_export)
 
+
+def _add_info_parser(commands) -> None:
     info = commands.add_parser("info", help="print versions, devices and which backends are usable here")
     info.set_defaults(run=_info)
 
+
+def _add_data_parser(commands) -> None:
     data = commands.add_parser("data", help="check image folders before training")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     verify = data_commands.add_parser(
@@ -250,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: one per CPU core)")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar (shown on stderr from 1000 files)")
     verify.set_defaults(run=_data_verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run_parsers, _add_plot_parser, _add_eval_parsers, _add_export_parser, _add_info_parser, _add_data_parser):
+        add(commands)
     return parser
 
 
@@ -258,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastjepa.helper import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command_line = " ".join(shlex.quote(word) for word in ["fastjepa", *argv])
     try:
         return args.run(args)
     except (ConfigError, UsageError) as e:

@@ -1,4 +1,4 @@
-"""Training curves from the trainer's per-rank CSV log.
+"""Training curves from the trainer's per-rank CSV log; the heads' grid of an eval run.
 
 The trainer writes ``{write_tag}_r{rank}.csv`` in its output folder, one row per
 logged step::
@@ -247,3 +247,80 @@ def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
     fig.savefig(png, dpi=110)
     fig.clear()
     return png
+
+
+# ---------------------------------------------------------------------------- eval runs
+
+
+def _grid_axes(heads: list[dict]) -> tuple[str, list, list[tuple], list[str]]:
+    """The column setting (lr, else k, else the first), its values, and the rows: every
+    combination of the other settings present."""
+    settings = [k for k in heads[0] if k not in ("heldout_top1", "val_top1")]
+    column = "lr" if "lr" in settings else "k" if "k" in settings else settings[0]
+    rest = [k for k in settings if k != column]
+    columns = sorted({h[column] for h in heads}, key=lambda v: (isinstance(v, str), v))
+    rows = sorted({tuple(h[k] for k in rest) for h in heads}, key=lambda r: tuple(str(v) for v in r))
+    return column, columns, rows, rest
+
+
+def plot_eval(results_path: str | pathlib.Path) -> pathlib.Path:
+    """Draw ``<results>.png`` beside an eval results file: the held-out and val top-1 of every
+    head as two heat maps (the column setting, usually the lr, across; the other settings down),
+    the chosen head framed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from fastjepa.eval.results import read_results
+
+    results_path = pathlib.Path(results_path)
+    record = read_results(results_path)
+    heads = record["heads"]
+    if not heads:
+        raise ValueError(f"{results_path} lists no heads")
+    column, columns, rows, rest = _grid_axes(heads)
+    fig = Figure(figsize=(min(4 + 1.1 * len(columns), 22), 2.8 + 0.45 * len(rows)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, score, title in ((axes[0], "heldout_top1", "held-out train top-1 (selects)"), (axes[1], "val_top1", "val top-1 (reported)")):
+        grid = np.full((len(rows), len(columns)), np.nan)
+        for h in heads:
+            value = h.get(score)
+            if value is not None:
+                grid[rows.index(tuple(h[k] for k in rest)), columns.index(h[column])] = 100 * value
+        measured = np.isfinite(grid).any()
+        image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=np.nanmin(grid) if measured else 0, vmax=np.nanmax(grid) if measured else 100)
+        for (r, c), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white" if value < np.nanmean(grid) else "black")
+        chosen = record["chosen"]
+        key = tuple(chosen.get(k) for k in rest)
+        if key in rows and chosen.get(column) in columns:
+            ax.add_patch(Rectangle((columns.index(chosen[column]) - 0.5, rows.index(key) - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
+        ax.set_xticks(range(len(columns)), [f"{v:g}" if isinstance(v, float) else str(v) for v in columns], rotation=45, fontsize=8)
+        ax.set_yticks(range(len(rows)), [" ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r) for r in rows], fontsize=8)
+        ax.set_xlabel(column)
+        ax.set_ylabel(" ".join(rest))
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.suptitle(f"{record['method']} on {record.get('data', '?')}: top-1 {100 * record['top1']:.2f}% (chosen head framed, refit on all train)",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.25, top=0.85, wspace=0.35)
+    png = results_path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    fig.clear()
+    return png
+
+
+def eval_results_in(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The eval results files (``METHOD.json``, written by ``fastjepa eval``) in a folder."""
+    from fastjepa.eval.results import read_results
+
+    found = []
+    for path in sorted(pathlib.Path(folder).glob("*.json")):
+        try:
+            read_results(path)
+        except ValueError:  # some other JSON file
+            continue
+        found.append(path)
+    return found

@@ -374,12 +374,12 @@ def test_eval_weights_gives_the_checkpoints_result(checkpoint, tmp_path, capsys)
     pytest.importorskip("sklearn")
     out = tmp_path / "w.safetensors"
     fw.export_weights(checkpoint, "safetensors", out)
-    assert run_cli(["eval", "knn", "--checkpoint", str(checkpoint), "--model-name", "vit_tiny", "--patch-size", "8", "--crop-size", "32"]) == 0
-    from_checkpoint = capsys.readouterr().out
-    assert run_cli(["eval", "knn", "--weights", str(out)]) == 0
-    assert capsys.readouterr().out == from_checkpoint and "knn top-1" in from_checkpoint
-    assert run_cli(["eval", "knn", "--weights", str(out), "--crop-size", "32"]) == 2
-    assert "--weights reads the shape off the weights" in capsys.readouterr().err
+    assert run_cli(["eval", "knn", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    from_checkpoint = json.loads((tmp_path / "a" / "knn.json").read_text())
+    assert run_cli(["eval", "knn", "--weights", str(out), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    from_weights = json.loads((tmp_path / "b" / "knn.json").read_text())
+    for key in ("top1", "heads", "weights_sha256"):
+        assert from_weights[key] == from_checkpoint[key], key
 
 
 def tiny_run_config(tmp_path, **meta):
