@@ -9,8 +9,7 @@ cutmix with label smoothing, giving float32 images and (B, num_classes) soft tar
 Randomness: every draw comes from the caller's CPU ``torch.Generator``, on the host, in the
 order each class's docstring gives; each part moves its parameters to the device in one copy
 and never reads device data back, so a call never synchronises with the device. The same
-generator state gives the same output on any device (up to the float rounding of
-``grid_sample``). Same distributions as timm, other draws: timm draws per image from
+generator state gives the same output on any device. Same distributions as timm, other draws: timm draws per image from
 Python's ``random`` and NumPy's global state.
 
 Each RandAugment op follows Pillow's arithmetic, as timm runs it through PIL: ImageEnhance's
@@ -18,9 +17,9 @@ blends in float32 truncated to uint8, the fixed-point RGB -> L, ImageOps' equali
 autocontrast look-up tables, the SMOOTH filter rounded with its border pixels kept, and
 Image.transform's affine sampling (pixel centres, border pixels repeated, the fill outside
 the source). The point ops and enhancements equal Pillow bit for bit; the geometric ops are
-bilinear (timm picks bilinear or bicubic at random, MAE asks timm for bicubic) through
-``grid_sample`` in float32 and differ from Pillow's double arithmetic by at most 1 on a few
-pixels (tests/test_finetune_augment.py).
+bilinear (timm picks bilinear or bicubic at random, MAE asks timm for bicubic), in double
+as Pillow computes them, and equal Pillow but for rare rounding differences of 1
+(tests/test_finetune_augment.py).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastjepa.data.normalize import IMAGENET_MEAN, normalize
 
@@ -149,7 +147,7 @@ class RandAugment:
         counts = [torch.bincount(key[:, slot], minlength=len(self.ops) + 1).tolist() for slot in range(self.num_ops)]
         slot_params = params.transpose(0, 1).gather(1, order[..., None].expand(-1, -1, 6))
         packed = _to_device(torch.cat([order[..., None].double(), slot_params], dim=2), images.device)
-        index, device_params = packed[..., 0].long(), packed[..., 1:].float()
+        index, device_params = packed[..., 0].long(), packed[..., 1:]
 
         out = images.clone()
         for slot in range(self.num_ops):
@@ -261,14 +259,14 @@ def _autocontrast(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def _equalize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """ImageOps.equalize per image and channel: lut[i] = (step // 2 + pixels below i) // step,
-    step = (pixels - pixels of the highest level present) // 256, clipped to 255; a channel
+    step = (pixels - pixels of the highest level present) // 255, clipped to 255; a channel
     with step 0 (one level present, or too few pixels) is left alone."""
     n = images.shape[0]
     offsets = torch.arange(n * 3, device=images.device).view(n, 3, 1) * 256
     hist = torch.bincount((images.flatten(2).long() + offsets).flatten(), minlength=n * 3 * 256).view(n, 3, 256)
     levels = torch.arange(256, device=images.device)
     highest = torch.where(hist > 0, levels, -1).amax(dim=2, keepdim=True)
-    step = (hist.sum(dim=2, keepdim=True) - hist.gather(2, highest)) // 256
+    step = (hist.sum(dim=2, keepdim=True) - hist.gather(2, highest)) // 255
     lut = ((step // 2 + hist.cumsum(dim=2) - hist) // step.clamp(min=1)).clamp(max=255)
     return _apply_lut(images, torch.where(step > 0, lut, levels))
 
@@ -278,7 +276,8 @@ def _invert(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def _posterize(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Keep the top ``bits`` bits (0..4)."""
+    """Keep the top ``bits`` bits (0..4); 0 bits is black, as Pillow before 13 gives it to timm
+    (Pillow 13 refuses 0)."""
     bits = params[:, 0].long()
     mask = torch.bitwise_left_shift(torch.full_like(bits, 255), 8 - bits) & 255
     return images & mask.to(torch.uint8).view(-1, 1, 1, 1)
@@ -302,7 +301,7 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Image.blend(degenerate, image, factor) as ImageEnhance calls it: float32, truncated."""
-    factor = params[:, 0].view(-1, 1, 1, 1)
+    factor = params[:, 0].float().view(-1, 1, 1, 1)  # Pillow's alpha is a C float
     return torch.floor(degenerate + factor * (x - degenerate)).clamp(0, 255).to(torch.uint8)
 
 
@@ -315,7 +314,7 @@ def _contrast(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Blend with the image's mean luma, rounded half up, as ImageEnhance.Contrast."""
     x = images.float()
     luma = _luma(x)
-    mean = torch.floor(luma.sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / luma[0].numel() + 0.5)
+    mean = torch.floor(luma.sum(dim=(2, 3), keepdim=True, dtype=torch.float64) / (luma.shape[2] * luma.shape[3]) + 0.5)
     return _blend(mean.float(), x, params)
 
 
@@ -338,17 +337,29 @@ def _sharpness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 def _affine(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Image.transform(AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor=FILL): the output
     pixel centre (u, v) samples the input at (a u + b v + c, d u + e v + f), in pixels from the
-    top-left corner; inside [0, W) x [0, H) bilinearly with the border pixels repeated and
-    truncated to uint8, outside the fill."""
+    top-left corner; inside [0, W) x [0, H) bilinearly with the border pixels repeated, in
+    Pillow's form and arithmetic (a + (b - a) * t along x, then along y, in double) and
+    truncated to uint8; outside, the fill."""
     n, _, height, width = images.shape
     a, b, c, d, e, f = (params[:, j].view(n, 1, 1) for j in range(6))
-    u = (torch.arange(width, device=images.device, dtype=torch.float32) + 0.5).view(1, 1, width)
-    v = (torch.arange(height, device=images.device, dtype=torch.float32) + 0.5).view(1, height, 1)
+    u = (torch.arange(width, device=images.device, dtype=torch.float64) + 0.5).view(1, 1, width)
+    v = (torch.arange(height, device=images.device, dtype=torch.float64) + 0.5).view(1, height, 1)
     source_x, source_y = a * u + b * v + c, d * u + e * v + f
-    grid = torch.stack((2 * source_x / width - 1, 2 * source_y / height - 1), dim=3)
-    sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
-    fill = torch.tensor(FILL, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    left, top = torch.floor(source_x - 0.5), torch.floor(source_y - 0.5)
+    dx, dy = (source_x - 0.5 - left)[:, None], (source_y - 0.5 - top)[:, None]
+    x0, x1 = left.clamp(0, width - 1).long(), (left + 1).clamp(0, width - 1).long()
+    y0, y1 = top.clamp(0, height - 1).long(), (top + 1).clamp(0, height - 1).long()
+    flat = images.double().flatten(2)
+
+    def at(y, x):  # the input at (y, x) (n, H, W) for every channel: (n, 3, H, W)
+        return flat.gather(2, (y * width + x).view(n, 1, height * width).expand(-1, 3, -1)).view(n, 3, height, width)
+
+    upper, lower = at(y0, x0), at(y1, x0)
+    upper = upper + (at(y0, x1) - upper) * dx
+    lower = lower + (at(y1, x1) - lower) * dx
+    sampled = upper + (lower - upper) * dy
+    fill = torch.tensor(FILL, device=images.device, dtype=torch.float64).view(1, 3, 1, 1)
     return torch.where(inside[:, None], sampled.floor(), fill).to(torch.uint8)
 
 
