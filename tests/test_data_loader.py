@@ -274,3 +274,40 @@ def test_colour_and_blur_on_the_device_are_the_batch_op_on_the_same_crops(tmp_pa
         assert torch.allclose(b.images, expected, atol=1e-5)
         changed += int((b.images - a.images).abs().amax(dim=(1, 2, 3)).gt(0.01).sum())
     assert changed >= 4  # most of the 8 images were distorted (jitter p = 0.8, grayscale 0.2, blur 0.5)
+
+
+def test_labelled_epoch_gives_uint8_crops_with_their_labels_over_a_listing(tmp_path, backend):
+    """Fine-tuning's view: class folders, a listing of part of them (a low-shot subset) with a
+    bad file inside, no mask sampler; the crops are the pretraining batch before its
+    normalisation, and each label is its image's class."""
+    from fastjepa.data.images import list_images
+    from fastjepa.data.loader import make_loader
+    from fastjepa.data.normalize import normalize
+
+    for c, name in enumerate(("apple", "berry", "cherry")):
+        for i in range(4):
+            k = 4 * c + i
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.new("RGB", (40 + k, 30 + k), colour(k)).save(tmp_path / name / f"{k:02d}.jpg", quality=95)
+    (tmp_path / "berry" / "99.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    listing = list_images(str(tmp_path))
+    assert listing.classes == ["apple", "berry", "cherry"]
+    keep = [i for i, path in enumerate(listing.paths) if not path.endswith(("00.jpg", "05.jpg"))]  # a subset: 2 images left out
+    subset = listing.take(keep)
+    config = data_config(tmp_path, backend, batch_size=3, use_horizontal_flip=True)
+    from fastjepa.config import loader_settings
+
+    labelled = make_loader(loader_settings(config), None, CPU, 4, str(tmp_path), listing=subset)
+    pretraining = make_loader(loader_settings(config), mask_sampler(config), CPU, 4, str(tmp_path), listing=subset)
+    assert labelled.num_images == len(subset) - (backend != "pil")  # the header check leaves the bad file out before training
+    seen = []
+    for (images, labels, bad), batch in zip(labelled.labelled_epoch(1, 0), pretraining.epoch(1, 0, 0)):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 48, 48) and labels.dtype == torch.int64
+        assert len(images) == len(labels) == 3 - bad and bad == batch.bad
+        assert torch.equal(normalize(images), batch.images)
+        for k, label in zip(identify(normalize(images)), labels.tolist()):
+            assert label == k // 4  # the class of image k
+            seen.append(k)
+    assert len(seen) == len(set(seen)) >= 6 and set(seen) <= {k for k in range(12) if k not in (0, 5)}  # the epoch's whole batches
+    with pytest.raises(ValueError, match="without a mask sampler"):
+        next(iter(labelled.epoch(0, 0, 0)))

@@ -90,12 +90,15 @@ class MaskStream:
 class ImageLoader(ABC):
     """What every backend shares: the seeded, sharded order, the epoch length, the mask
     stream. A backend implements ``_batches(epoch, start_itr)``: the remaining batches of
-    the epoch as (images on the device, bad count), reading only this rank's files from
-    ``self.order`` (already set to the epoch, its first start_itr batches skipped)."""
+    the epoch as (uint8 crops on the device, their labels, bad count), reading only this
+    rank's files from ``self.order`` (already set to the epoch, its first start_itr batches
+    skipped). ``epoch`` finishes the crops for pretraining and adds the masks;
+    ``labelled_epoch`` hands the uint8 crops and labels to a caller that augments them
+    itself (fine-tuning; ``sampler`` may then be None)."""
 
     backend = ""
 
-    def __init__(self, settings: LoaderSettings, sampler: MultiBlockMaskSampler, root: str, images: ImageList, device, seed: int,
+    def __init__(self, settings: LoaderSettings, sampler: MultiBlockMaskSampler | None, root: str, images: ImageList, device, seed: int,
                  rank: int, world_size: int, rejected: list[tuple[str, str]]):
         self.root, self.images, self.paths = root, images, images.paths  # paths: the images' names
         self.skipped_files = images.skipped  # files without an image extension, never read
@@ -117,26 +120,41 @@ class ImageLoader(ABC):
     def epoch(self, epoch: int, start_itr: int, first_step: int) -> Iterator[Batch]:
         """Batches start_itr .. steps_per_epoch - 1 of ``epoch``; the first is training step
         ``first_step`` (it seeds the masks). The skipped batches are not read."""
-        if not 0 <= start_itr <= self.steps_per_epoch:
-            raise ValueError(f"start_itr must be in [0, {self.steps_per_epoch}], got {start_itr}")
-        self.order.set_epoch(epoch)
-        self.order.skip(start_itr * self.batch_size)
+        if self.sampler is None:
+            raise ValueError("this loader was made without a mask sampler: it serves labelled_epoch only")
         masks = None
-        decoded = False
         try:
-            for images, bad in self._batches(epoch, start_itr):
+            for itr, (images, _, bad) in enumerate(self.labelled_epoch(epoch, start_itr), start=start_itr):
                 if masks is None:  # started once the first batch is in: DataLoader workers fork before this thread exists
                     masks = MaskStream(self.sampler, self.seed, self.rank, first_step, self.batch_size, self.device, self.ragged)
                 if len(images) == 0:
                     yield Batch(torch.empty((0, 3, self.crop_size, self.crop_size), device=self.device), None, None, bad)
                 else:
-                    decoded = True
-                    yield Batch(images, *masks.take(len(images)), bad)
-            if masks is not None and not decoded:
-                self._fail_unless_an_image_decodes()
+                    yield Batch(self._finish(images, epoch, itr), *masks.take(len(images)), bad)
         finally:
             if masks is not None:
                 masks.close()
+
+    def labelled_epoch(self, epoch: int, start_itr: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Batches start_itr .. steps_per_epoch - 1 of ``epoch`` as (uint8 crops (n, 3, crop,
+        crop) on the device, cropped and flipped only, their int64 labels on the device, files
+        left out); n = 0 when no file of the batch decoded. The skipped batches are not read."""
+        if not 0 <= start_itr <= self.steps_per_epoch:
+            raise ValueError(f"start_itr must be in [0, {self.steps_per_epoch}], got {start_itr}")
+        self.order.set_epoch(epoch)
+        self.order.skip(start_itr * self.batch_size)
+        decoded = False
+        started = False
+        for images, labels, bad in self._batches(epoch, start_itr):
+            started = True
+            decoded = decoded or len(images) > 0
+            yield images, labels.to(self.device, non_blocking=True), bad
+        if started and not decoded:
+            self._fail_unless_an_image_decodes()
+
+    def _finish(self, images: torch.Tensor, epoch: int, itr: int) -> torch.Tensor:
+        """Pretraining's batch itr from its uint8 crops: ``finish_on_device``."""
+        return self.finish_on_device(images, epoch, itr)
 
     def _fail_unless_an_image_decodes(self) -> None:
         """After an epoch of which no file decoded: return at the first image of the folder
@@ -178,4 +196,4 @@ class ImageLoader(ABC):
 
     @abstractmethod
     def _batches(self, epoch: int, start_itr: int):
-        """(images normalised on the device, bad-file count) for each remaining batch of the epoch."""
+        """(uint8 crops on the device, their int64 labels, bad-file count) for each remaining batch of the epoch."""

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from fastjepa.data.base import ImageLoader, LoaderSettings
-from fastjepa.data.images import random_resized_crop_boxes, read_image_bytes
+from fastjepa.data.images import ImageList, random_resized_crop_boxes, read_image_bytes
 from fastjepa.data.scan import scan_folder
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class DaliLoader(ImageLoader):
     backend = "dali"
 
     def __init__(self, settings: LoaderSettings, sampler, root: str, device, seed: int, rank: int = 0, world_size: int = 1,
-                 gather=None):
-        scan = scan_folder(root, FORMATS, rank, world_size, gather)
+                 gather=None, listing: ImageList | None = None):
+        scan = scan_folder(root, FORMATS, rank, world_size, gather, listing)
         super().__init__(settings, sampler, root, scan.images, device, seed, rank, world_size, scan.rejected)
         self.widths, self.heights = scan.widths, scan.heights
         self.failed: set[int] = set()  # images that passed the header check but DALI cannot decode
@@ -98,8 +98,8 @@ class DaliLoader(ImageLoader):
             self.plan = self._plan(epoch, start_itr + done, index[done:])
             first = done
             try:
-                for images, bad in self._run():
-                    yield images, bad
+                for batch in self._run():
+                    yield batch
                     done += 1
             except RuntimeError as error:  # a file DALI cannot decode stops its pipeline
                 self.iterator = None
@@ -117,19 +117,21 @@ class DaliLoader(ImageLoader):
         return Plan(epoch, first_itr, read, bad)
 
     def _run(self):
-        """The batches of ``self.plan``: uint8 crops on the device, finished (colour, blur,
-        normalisation), and the number of rows left out."""
+        """The batches of ``self.plan``: uint8 crops on the device, their labels, and the
+        number of rows left out."""
         plan = self.plan
         if self.iterator is not None and self.finished:
             self.iterator.reset()  # the source starts the new plan
         else:  # the first epoch, after a failure, or after an epoch left before its end
             self.iterator = self._iterator()
         self.finished = False
+        labels = torch.tensor(self.images.labels, dtype=torch.int64)
         for b, outputs in enumerate(self.iterator):
             images = outputs[0]["images"]
+            kept = plan.read[b][~plan.bad[b]]
             if plan.bad[b].any():
                 images = images[torch.from_numpy(~plan.bad[b]).to(images.device)]
-            yield self.finish_on_device(images, plan.epoch, plan.first_itr + b), int(plan.bad[b].sum())
+            yield images, labels[torch.from_numpy(kept)], int(plan.bad[b].sum())
         self.finished = True
 
     def _exclude(self, error: RuntimeError, batch: np.ndarray, read: np.ndarray) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from fastjepa.data.base import ImageLoader, LoaderSettings
+from fastjepa.data.images import ImageList
 from fastjepa.errors import ConfigError
 from fastjepa.masks.multiblock import MultiBlockMaskSampler
 from fastjepa.ops.backend import import_problem
@@ -65,23 +66,25 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def make_loader(settings: LoaderSettings, sampler: MultiBlockMaskSampler, device, seed: int, root: str, rank: int = 0,
-                world_size: int = 1, gather=None) -> ImageLoader:
+def make_loader(settings: LoaderSettings, sampler: MultiBlockMaskSampler | None, device, seed: int, root: str, rank: int = 0,
+                world_size: int = 1, gather=None, listing: ImageList | None = None) -> ImageLoader:
     """The loader of ``settings.backend`` (its masks drawn by ``sampler``) over the images under root (see
-    ``list_images``) for this rank. ``gather``: an all-gather of Python objects over the
+    ``list_images``), or the images of ``listing`` (a listing of part of root: a low-shot
+    subset), for this rank. ``gather``: an all-gather of Python objects over the
     ranks, with which the ranks share the indexing of tar shards and the header check of
     the dali and torchvision backends (``fastjepa.data.scan``); without it every rank reads
-    every shard index and checks every file."""
+    every shard index and checks every file. Without a ``sampler`` the loader serves
+    ``labelled_epoch`` only (fine-tuning)."""
     device = torch.device(device)
     backend = resolve_backend(settings.backend, device)
     if backend == "pil":
         from fastjepa.data.pil import PilLoader
 
-        return PilLoader(settings, sampler, root, device, seed, rank, world_size, gather)
+        return PilLoader(settings, sampler, root, device, seed, rank, world_size, gather, listing)
     if backend == "dali":
         from fastjepa.data.dali import DaliLoader
 
-        return DaliLoader(settings, sampler, root, device, seed, rank, world_size, gather)
+        return DaliLoader(settings, sampler, root, device, seed, rank, world_size, gather, listing)
     from fastjepa.data.torchvision_gpu import TorchvisionLoader
 
-    return TorchvisionLoader(settings, sampler, root, device, seed, rank, world_size, gather)
+    return TorchvisionLoader(settings, sampler, root, device, seed, rank, world_size, gather, listing)

@@ -107,11 +107,13 @@ def scan_images(images: ImageList, formats: frozenset[str] | None = None, rank: 
     return ScanResult(images.take(passed), [checked[i] for i in passed], rejected)
 
 
-def scan_folder(root: str, formats: frozenset[str] | None = None, rank: int = 0, world_size: int = 1, gather=None) -> ScanResult:
-    """The header check of the images under root (``list_images``; the shard indexes and
-    the check shared by the ranks with ``gather``, see ``scan_images``), logging the
-    rejected ones; ``ValueError`` when no image passes."""
-    scan = scan_images(list_images(root, rank, world_size, gather), formats, rank, world_size, gather)
+def scan_folder(root: str, formats: frozenset[str] | None = None, rank: int = 0, world_size: int = 1, gather=None,
+                listing: ImageList | None = None) -> ScanResult:
+    """The header check of the images under root (``list_images``, or ``listing``, a listing of
+    part of root; the shard indexes and the check shared by the ranks with ``gather``, see
+    ``scan_images``), logging the rejected ones; ``ValueError`` when no image passes."""
+    listing = listing if listing is not None else list_images(root, rank, world_size, gather)
+    scan = scan_images(listing, formats, rank, world_size, gather)
     if not len(scan.images):
         path, reason = scan.rejected[0]
         raise ValueError(f"no readable image under {root!r}: all {len(scan.rejected)} image files fail the header check, e.g. {path}: {reason}")

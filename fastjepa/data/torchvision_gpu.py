@@ -71,8 +71,8 @@ class TorchvisionLoader(ImageLoader):
     backend = "torchvision"
 
     def __init__(self, settings: LoaderSettings, sampler, root: str, device, seed: int, rank: int = 0, world_size: int = 1,
-                 gather=None):
-        scan = scan_folder(root, None, rank, world_size, gather)  # PIL decodes what the GPU does not: any format
+                 gather=None, listing: ImageList | None = None):
+        scan = scan_folder(root, None, rank, world_size, gather, listing)  # PIL decodes what the GPU does not: any format
         super().__init__(settings, sampler, root, scan.images, device, seed, rank, world_size, scan.rejected)
         self.widths, self.heights = scan.widths, scan.heights
         self.on_device = [h.format in ("JPEG", "MPO") and h.mode == "RGB" for h in scan.headers]
@@ -80,24 +80,26 @@ class TorchvisionLoader(ImageLoader):
                                  collate_fn=list, persistent_workers=self.num_workers > 0)
 
     def _batches(self, epoch: int, start_itr: int):
+        labels = torch.tensor(self.images.labels, dtype=torch.int64)
         for b, batch in enumerate(self.reader):
             index = np.array([i for i, _ in batch], dtype=np.int64)
             g = self.crop_generator(epoch, start_itr + b)
             left, top, w, h = random_resized_crop_boxes(self.widths[index], self.heights[index], g, self.crop_scale)
             mirror = self.flips(len(batch), g)
-            crops = []
+            crops, kept = [], []
             for k, image in enumerate(self._decode(batch)):
                 if image is None:
                     continue
                 crop = image[None, :, top[k] : top[k] + h[k], left[k] : left[k] + w[k]].float()
                 crop = F.interpolate(crop, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True, align_corners=False)
                 crops.append(crop.flip(-1) if mirror[k] else crop)
+                kept.append(index[k])
             bad = len(batch) - len(crops)
             if not crops:
-                yield [], bad
+                yield torch.empty((0, 3, self.crop_size, self.crop_size), dtype=torch.uint8, device=self.device), labels[:0], bad
                 continue
             images = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)  # uint8, as the other backends' crops
-            yield self.finish_on_device(images, epoch, start_itr + b), bad
+            yield images, labels[kept], bad
 
     def _decode(self, batch) -> list[torch.Tensor | None]:
         """The batch's images on the device (None for a file that failed)."""
