@@ -163,25 +163,33 @@ def _yaml_word(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def validate(config: dict) -> dict:
-    """A complete, checked copy of ``config``; ``ConfigError`` names the first bad key."""
+def check_sections(config: dict, schema: dict[str, dict[str, Key]]) -> dict:
+    """A complete, checked copy of ``config`` against ``schema`` (section -> key -> ``Key``):
+    every key typed and in range, missing keys at their defaults; ``ConfigError`` names the
+    first bad one."""
     if not isinstance(config, dict):
-        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SCHEMA)}), got {type(config).__name__}")
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(schema)}), got {type(config).__name__}")
     for section, entries in config.items():
-        if section not in SCHEMA:
-            raise ConfigError(f"unknown section {section!r}; sections are {', '.join(SCHEMA)}")
+        if section not in schema:
+            raise ConfigError(f"unknown section {section!r}; sections are {', '.join(schema)}")
         if entries is not None and not isinstance(entries, dict):
             raise ConfigError(f"section {section} must be a mapping of keys, got {type(entries).__name__}")
         for key in entries or {}:
-            if key not in SCHEMA[section]:
-                raise ConfigError(f"unknown key {section}.{key}; {section} keys are {', '.join(SCHEMA[section])}")
+            if key not in schema[section]:
+                raise ConfigError(f"unknown key {section}.{key}; {section} keys are {', '.join(schema[section])}")
     checked = {}
-    for section, keys in SCHEMA.items():
+    for section, keys in schema.items():
         given = config.get(section) or {}
         checked[section] = {
             key: _typed(f"{section}.{key}", spec, copy.deepcopy(given[key]) if key in given else copy.deepcopy(spec.default))
             for key, spec in keys.items()
         }
+    return checked
+
+
+def validate(config: dict) -> dict:
+    """A complete, checked copy of ``config``; ``ConfigError`` names the first bad key."""
+    checked = check_sections(config, SCHEMA)
     data, mask, meta = checked["data"], checked["mask"], checked["meta"]
     if data["crop_size"] % mask["patch_size"]:
         raise ConfigError(f"data.crop_size {data['crop_size']} must be divisible by mask.patch_size {mask['patch_size']}")
@@ -257,19 +265,24 @@ def build_loader(config: dict, device, seed: int, root: str, rank: int = 0, worl
 RECIPES = Path(__file__).resolve().parent / "configs"  # the shipped recipes (configs/ at the repository root)
 
 
-def recipe_names() -> list[str]:
-    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+FINETUNE_PREFIX = "finetune_"  # configs/finetune_*.yaml are fastjepa finetune's presets; the others pretraining recipes
 
 
-def config_path(name) -> Path:
+def recipe_names(finetune: bool = False) -> list[str]:
+    """The shipped pretraining recipes, or with ``finetune`` the fine-tuning presets."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml") if path.stem.startswith(FINETUNE_PREFIX) == finetune)
+
+
+def config_path(name, finetune: bool = False) -> Path:
     """``name`` as a path when it is a file or looks like one (a folder or a suffix in it), else the
-    shipped recipe of that name (``vit_b16_in1k``); ``ConfigError`` lists the recipes when there is none."""
+    shipped recipe (or with ``finetune`` the preset) of that name; ``ConfigError`` lists them when there is none."""
     path = Path(name)
     if path.is_file() or path.parent != Path(".") or path.suffix:
         return path
     recipe = RECIPES / f"{name}.yaml"
-    if not recipe.is_file():
-        raise ConfigError(f"config {name} is neither a file nor a shipped recipe; the recipes are {', '.join(recipe_names())}")
+    if not recipe.is_file() or name.startswith(FINETUNE_PREFIX) != finetune:
+        kind, plural = ("fine-tuning preset", "presets") if finetune else ("shipped recipe", "recipes")
+        raise ConfigError(f"config {name} is neither a file nor a {kind}; the {plural} are {', '.join(recipe_names(finetune))}")
     return recipe
 
 
@@ -287,14 +300,14 @@ def load_yaml(path) -> dict:
     return config
 
 
-def apply_override(config: dict, assignment: str) -> None:
+def apply_override(config: dict, assignment: str, schema: dict[str, dict[str, Key]] = SCHEMA) -> None:
     """Apply one ``section.key=value`` (value parsed as YAML) to ``config`` in place."""
     name, sep, text = assignment.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not section or not key:
         raise ConfigError(f"--set takes section.key=value, got {assignment!r}")
-    if section not in SCHEMA or key not in SCHEMA[section]:
-        known = ", ".join(f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]) if section not in SCHEMA else ", ".join(SCHEMA[section])
+    if section not in schema or key not in schema[section]:
+        known = ", ".join(f"{s}.{k}" for s in schema for k in schema[s]) if section not in schema else ", ".join(schema[section])
         raise ConfigError(f"unknown key {name.strip()}; known: {known}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""  # "key=" sets an empty string
