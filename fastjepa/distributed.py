@@ -182,25 +182,49 @@ def wrap(model: nn.Module, target_encoder: nn.Module, meta: dict, device: torch.
     if not is_distributed():
         return model
     if meta["sharding"] == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         if meta["grad_reduce_dtype"] != "float32":
             raise ValueError("meta.grad_reduce_dtype bfloat16 is a DDP option; FSDP2 reduces in the gradients' dtype")
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for root in (model.encoder, model.predictor, target_encoder):
-            for block in transformer_blocks(root):
-                fully_shard(block, mesh=mesh)
-        fully_shard(target_encoder, mesh=mesh, reshard_after_forward=True)  # a root keeps its weights whole after forward unless told
-        fully_shard(model, mesh=mesh)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  bucket_cap_mb=meta["ddp_bucket_mb"], static_graph=not accumulating, broadcast_buffers=False)
+        return _fully_shard(model, device, (model.encoder, model.predictor, target_encoder), followers=(target_encoder,))
+    ddp = _ddp(model, device, meta["ddp_bucket_mb"], accumulating)
     if meta["grad_reduce_dtype"] == "bfloat16":
         ddp.register_comm_hook(None, bf16_allreduce_hook)
     return ddp
+
+
+def wrap_model(model: nn.Module, sharding: str, device: torch.device, accumulating: bool = False) -> nn.Module:
+    """A model whose transformer blocks are its ``encoder``'s (a fine-tuned classifier) under
+    DDP or FSDP2 (``sharding``: ddp or fsdp); one process: ``model`` itself."""
+    if not is_distributed():
+        return model
+    if sharding == "fsdp":
+        return _fully_shard(model, device, (model.encoder,))
+    return _ddp(model, device, DDP_BUCKET_MB, accumulating)
+
+
+DDP_BUCKET_MB = 25  # DDP's default bucket size
+
+
+def _fully_shard(model: nn.Module, device: torch.device, roots, followers=()) -> nn.Module:
+    """FSDP2 in place: every transformer block of ``roots`` its own unit, each of ``followers``
+    (no gradients: the target encoder) a root resharded after its forward, then ``model``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for root in roots:
+        for block in transformer_blocks(root):
+            fully_shard(block, mesh=mesh)
+    for follower in followers:
+        fully_shard(follower, mesh=mesh, reshard_after_forward=True)  # a root keeps its weights whole after forward unless told
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _ddp(model: nn.Module, device: torch.device, bucket_mb: float, accumulating: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb,
+                                   static_graph=not accumulating, broadcast_buffers=False)
 
 
 def bf16_allreduce_hook(group, bucket):  # no annotations: DDP compares them with objects, not strings

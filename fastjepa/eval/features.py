@@ -101,7 +101,7 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(img, torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index)))
 
 
-def _batches(split: Split, indices: list[int], augmentation: str, image_size: int, batch_size: int, seed: int, epoch: int,
+def image_batches(split: Split, indices: list[int], augmentation: str, image_size: int, batch_size: int, seed: int, epoch: int,
              num_workers: int):
     """uint8 (B, 3, S, S) batches of the images at ``indices``, in order."""
     if split.images is not None and augmentation == "none":  # in memory, no transform: slice (resizing when asked to)
@@ -162,7 +162,7 @@ def extract(encoder: torch.nn.Module, split: Split, layers: tuple[str, ...], ima
     device = next(encoder.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     indices = list(range(rank, len(split), world))
-    batches = _batches(split, indices, augmentation, image_size, batch_size, seed, epoch, num_workers)
+    batches = image_batches(split, indices, augmentation, image_size, batch_size, seed, epoch, num_workers)
     steps = -(-len(indices) // batch_size)
     if progress and steps > 8:
         from tqdm.auto import tqdm
