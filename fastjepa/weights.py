@@ -269,10 +269,33 @@ def _load_safetensors(path: str, load_file) -> dict:
         raise CheckpointError(f"cannot read {path} (truncated or not a safetensors file?): {first_problem(e)}") from e
 
 
+def is_finetune_checkpoint(checkpoint: dict) -> bool:
+    """Whether a torch file's dict is ``fastjepa finetune``'s checkpoint: one encoder, a head, its classes."""
+    return "fastjepa_finetune" in checkpoint
+
+
+def checkpoint_weights(checkpoint: dict, encoder: str, source) -> tuple[dict, EncoderShape]:
+    """``(state, shape)`` of the encoder in a torch file's dict (see ``read_weights``)."""
+    return _encoder_weights(_checkpoint_state(checkpoint, encoder, source), source)
+
+
+def _encoder_weights(state: dict, source) -> tuple[dict, EncoderShape]:
+    """An encoder state dict read from a file, without a classifier saved with it, and its shape."""
+    state = {k: v for k, v in state.items() if k not in ("head.weight", "head.bias")}  # a timm classifier, if one was saved
+    if "embeddings.position_embeddings" in state:
+        raise CheckpointError(f"{source} is a Hugging Face model's weights file: pass its folder (with config.json) instead")
+    return state, shape_of(state, source)
+
+
 def _checkpoint_state(checkpoint: dict, encoder: str, source) -> dict:
-    """The encoder state dict inside a torch file: a training checkpoint's entry, or the file's
-    own flat state dict (timm's ``.pth`` files, optionally under ``state_dict`` or ``model``)."""
-    if "encoder" in checkpoint or "target_encoder" in checkpoint:
+    """The encoder state dict inside a torch file: a training checkpoint's entry (a fine-tuning
+    checkpoint's one encoder, whichever is asked), or the file's own flat state dict (timm's
+    ``.pth`` files, optionally under ``state_dict`` or ``model``)."""
+    if is_finetune_checkpoint(checkpoint):
+        state = checkpoint.get("encoder")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"fine-tuning checkpoint {source} lacks its 'encoder'; it has {', '.join(map(str, checkpoint))}")
+    elif "encoder" in checkpoint or "target_encoder" in checkpoint:
         entry = ENCODERS[encoder]
         if not isinstance(checkpoint.get(entry), dict):
             raise CheckpointError(f"checkpoint {source} lacks '{entry}' (the {encoder} encoder); it has {', '.join(map(str, checkpoint))}")
@@ -299,14 +322,8 @@ def read_weights(path, encoder: str = "target") -> tuple[dict, EncoderShape]:
 
         if not os.path.isfile(path):
             raise CheckpointError(f"weights not found: {path}")
-        state = {k.removeprefix("module."): v for k, v in _load_safetensors(path, load_file).items()}
-    else:
-        state = _checkpoint_state(read_checkpoint(path), encoder, path)
-    for key in ("head.weight", "head.bias"):  # a timm classifier, if one was saved
-        state.pop(key, None)
-    if "embeddings.position_embeddings" in state:
-        raise CheckpointError(f"{path} is a Hugging Face model's weights file: pass its folder (with config.json) instead")
-    return state, shape_of(state, path)
+        return _encoder_weights({k.removeprefix("module."): v for k, v in _load_safetensors(path, load_file).items()}, path)
+    return checkpoint_weights(read_checkpoint(path), encoder, path)
 
 
 def load_encoder(path, encoder: str = "target") -> vit.VisionTransformer:
@@ -352,20 +369,68 @@ def timm_model(shape: EncoderShape) -> tuple[str, dict]:
     return name, differing(name)
 
 
-def timm_create_line(path, shape: EncoderShape) -> str:
+def timm_create_line(path, shape: EncoderShape, num_classes: int = 0) -> str:
     name, kwargs = timm_model(shape)
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     overlay = {"file": os.fspath(path), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    return f"timm.create_model({name!r}, num_classes=0, pretrained=True{args}, pretrained_cfg_overlay={overlay!r})"
+    return f"timm.create_model({name!r}, num_classes={num_classes}, pretrained=True{args}, pretrained_cfg_overlay={overlay!r})"
 
 
 def _clean_state(state: dict) -> dict:
     return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
 
 
+@dataclass
+class Head:
+    """A fine-tuned classifier's linear head (any BatchNorm before it folded in), fp32, and its classes."""
+
+    weight: torch.Tensor  # (num_classes, D)
+    bias: torch.Tensor  # (num_classes,)
+    classes: list[str]
+
+
+def fold_head(head: dict, head_norm: dict | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head's (weight, bias) in fp32 with an eval-mode BatchNorm without affine before
+    it (its running statistics ``head_norm``, or None) folded in, in fp64 arithmetic."""
+    weight, bias = head["weight"].detach().double().cpu(), head["bias"].detach().double().cpu()
+    if head_norm is not None:
+        scale = (head_norm["running_var"].double().cpu() + eps).rsqrt()
+        bias = bias - weight @ (head_norm["running_mean"].double().cpu() * scale)
+        weight = weight * scale
+    return weight.float(), bias.float()
+
+
+def finetuned_head(checkpoint: dict, source) -> Head:
+    """The head of a ``fastjepa finetune`` checkpoint (``is_finetune_checkpoint``)."""
+    try:
+        weight, bias = fold_head(checkpoint["head"], checkpoint.get("head_norm"), checkpoint["fastjepa_finetune"]["head_norm_eps"])
+        classes = [str(c) for c in checkpoint["classes"]]
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"fine-tuning checkpoint {source}: its head is malformed ({type(e).__name__}: {e})") from e
+    if weight.shape[0] != len(classes):
+        raise CheckpointError(f"fine-tuning checkpoint {source}: a head of {weight.shape[0]} outputs for {len(classes)} classes")
+    return Head(weight, bias, classes)
+
+
+def _read_source(source, encoder: str) -> tuple[dict, EncoderShape, str, Head | None]:
+    """What ``export_weights`` writes: the encoder's state and shape, where it came from, and
+    the head of a fine-tuned model (None otherwise)."""
+    if isinstance(source, torch.nn.Module):
+        state, origin = {k.removeprefix("module."): v for k, v in source.state_dict().items()}, type(source).__name__
+        return state, shape_of(state, origin), origin, None
+    path = os.fspath(source)
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        return (*read_weights(path, encoder), path, None)
+    checkpoint = read_checkpoint(path)
+    head = finetuned_head(checkpoint, path) if is_finetune_checkpoint(checkpoint) else None
+    return (*checkpoint_weights(checkpoint, encoder, path), path, head)
+
+
 def export_weights(source, format: str, out, encoder: str = "target", force: bool = False) -> str:
     """Write the encoder at ``source`` (a path ``read_weights`` reads, or a VisionTransformer) in
-    ``format`` to ``out`` (a folder for ``hf``, a ``.safetensors`` file otherwise). The files
+    ``format`` to ``out`` (a folder for ``hf``, a ``.safetensors`` file otherwise). A
+    ``fastjepa finetune`` checkpoint keeps its head: hf writes an ``IJepaForImageClassification``
+    with ``id2label``, timm and safetensors add ``head.weight`` and ``head.bias``. The files
     are written beside ``out`` first and renamed into place, so a failure leaves nothing; an
     existing non-empty ``out`` is replaced only with ``force``. Returns a one-line summary."""
     if format not in FORMATS:
@@ -374,25 +439,26 @@ def export_weights(source, format: str, out, encoder: str = "target", force: boo
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}; got {encoder!r}")
     out = os.path.abspath(os.fspath(out))
     _check_out(out, format, force)
-    if isinstance(source, torch.nn.Module):
-        state, origin = {k.removeprefix("module."): v for k, v in source.state_dict().items()}, type(source).__name__
-        shape = shape_of(state, origin)
-    else:
-        (state, shape), origin = read_weights(source, encoder), os.fspath(source)
+    state, shape, origin, head = _read_source(source, encoder)
     state = _clean_state(state)
     with torch.device("meta"):
         load_state(shape.build(), state, origin, assign=True)  # the exported tensors fit the model they claim to be
     metadata = {"format": format, **asdict(shape), "encoder": encoder, "source": origin}
+    described = f"{shape.model_name}/{shape.patch_size} at {shape.crop_size} px" + (f" with its {len(head.classes)}-class head" if head else "")
     if format == "hf":
-        _write_folder(out, lambda tmp: _write_hf(tmp, state, shape))
-        return f"wrote {out}: transformers.IJepaModel.from_pretrained({out!r}) loads it ({shape.model_name}/{shape.patch_size} at {shape.crop_size} px)"
+        _write_folder(out, lambda tmp: _write_hf(tmp, state, shape, head))
+        kind = "IJepaForImageClassification" if head else "IJepaModel"
+        return f"wrote {out}: transformers.{kind}.from_pretrained({out!r}) loads it ({described})"
+    if head is not None:
+        state = {**state, "head.weight": head.weight.contiguous(), "head.bias": head.bias.contiguous()}
+        metadata["classes"] = head.classes
     if format == "timm":
         name, kwargs = timm_model(shape)
         metadata.update(timm_model=name, timm_kwargs=kwargs)
     _write_file(out, state, metadata)
     if format == "timm":
-        return f"wrote {out}: {timm_create_line(out, shape)} loads it"
-    return f"wrote {out}: {shape.model_name}/{shape.patch_size} at {shape.crop_size} px, fastjepa's key names"
+        return f"wrote {out}: {timm_create_line(out, shape, len(head.classes) if head else 0)} loads it ({described})"
+    return f"wrote {out}: {described}, fastjepa's key names"
 
 
 def _check_out(out: str, format: str, force: bool) -> None:
@@ -410,13 +476,20 @@ def _check_out(out: str, format: str, force: bool) -> None:
         raise FileExistsError(f"--out {out} exists; pass --force (force=True) to replace it")
 
 
-def _write_hf(folder: str, state: dict, shape: EncoderShape) -> None:
+def _write_hf(folder: str, state: dict, shape: EncoderShape, head: Head | None = None) -> None:
     from safetensors.torch import save_file
 
     depth = vit.VIT_SHAPES[shape.model_name][1]
-    _hf_config(shape).save_pretrained(folder)
+    config, tensors = _hf_config(shape), _to_hf(state, depth)
+    if head is not None:  # IJepaForImageClassification: the backbone under ijepa., the head as classifier
+        config.architectures = ["IJepaForImageClassification"]
+        config.id2label = dict(enumerate(head.classes))
+        config.label2id = {name: i for i, name in enumerate(head.classes)}
+        tensors = {**{f"ijepa.{k}": v for k, v in tensors.items()}, "classifier.weight": head.weight.contiguous(),
+                   "classifier.bias": head.bias.contiguous()}
+    config.save_pretrained(folder)
     _hf_image_processor(shape).save_pretrained(folder)
-    save_file(_to_hf(state, depth), os.path.join(folder, HF_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(folder, HF_WEIGHTS), metadata={"format": "pt"})
 
 
 def _write_folder(out: str, write) -> None:
