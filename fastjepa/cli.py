@@ -1,4 +1,4 @@
-"""The ``fastjepa`` command line: train, submit, plot, eval, export, info, data verify.
+"""The ``fastjepa`` command line: train, submit, plot, eval, finetune, export, info, data verify.
 
 Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
 loss; ``data verify``: bad files found), 2 bad command line or config, 130 interrupted.
@@ -110,6 +110,34 @@ def _eval(args) -> int:
     finally:
         if started:
             teardown()
+    return 0
+
+
+def _finetune_config(args) -> dict:
+    from fastjepa.config import apply_override, load_yaml
+    from fastjepa.finetune.recipe import SCHEMA, load_preset, validate
+
+    config = load_yaml(args.config) if args.config else load_preset(args.preset)
+    for assignment in args.set:
+        apply_override(config, assignment, SCHEMA)
+    return validate(config)
+
+
+def _finetune(args) -> int:
+    config = _finetune_config(args)
+    weights = args.checkpoint or args.weights
+    if weights is None and args.resume is None:
+        raise UsageError("fastjepa finetune needs --weights PATH or --checkpoint PATH (the pretrained encoder), or --resume")
+    subset = dict(per_class=args.per_class, fraction=args.fraction, subset=args.subset)
+    if args.dry_run:
+        from fastjepa.finetune.plan import describe
+
+        print(describe(config, weights, args.data, device=args.device, seed=args.seed, **subset))
+        return 0
+    from fastjepa.finetune.loop import main
+
+    main(config, weights, args.data, device=args.device, out=args.out, seed=args.seed, max_steps=args.max_steps, resume=args.resume,
+         checkpoint_every=args.checkpoint_every, progress=not args.no_progress, **subset)
     return 0
 
 
@@ -264,6 +292,41 @@ def _add_eval_parsers(commands) -> None:
     evaluation.set_defaults(run=_eval)
 
 
+def _add_finetune_parser(commands) -> None:
+    from fastjepa.config import recipe_names
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune an encoder with a linear head (MAE's recipe: layer-wise lr decay, RandAugment, mixup/cutmix)",
+        description="Fine-tune a pretrained encoder end to end with a linear head on its averaged last layer, as the paper's "
+                    "ImageNet-1%% and full fine-tuning (MAE's recipe), with the augmentation on the device. Every epoch it measures "
+                    "held-out train (choosing finetune-best.pth.tar) and val.")
+    source = finetune.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes (a checkpoint, an hf folder, "
+                                                          "a timm or fastjepa .safetensors file)")
+    source.add_argument("--checkpoint", metavar="PATH", help="a pretraining checkpoint (fastjepa's or the reference's)")
+    finetune.add_argument("--data", default="digits", metavar="DIR|digits|shapes-count|shapes-dist",
+                          help="DIR/train/<class>/* and DIR/val/<class>/*, or a built-in set (default digits)")
+    recipe = finetune.add_mutually_exclusive_group()
+    recipe.add_argument("--preset", default="finetune_digits", metavar="NAME",
+                        help=f"a shipped preset: {', '.join(recipe_names(finetune=True))} (default finetune_digits)")
+    recipe.add_argument("--config", metavar="FILE", help="a fine-tuning YAML file (the presets' format)")
+    finetune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    low_shot = finetune.add_mutually_exclusive_group()
+    low_shot.add_argument("--per-class", type=_positive_int, metavar="N", help="train on N seeded images of every class")
+    low_shot.add_argument("--fraction", type=_fraction, metavar="F", help="train on a seeded fraction F of every class (1%%: 0.01)")
+    low_shot.add_argument("--subset", metavar="FILE", help="train on the images a list names (the reference's ImageNetSubset .txt)")
+    finetune.add_argument("--out", metavar="DIR", help="the run folder (default: a new folder here)")
+    finetune.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best present)")
+    finetune.add_argument("--seed", type=int, default=0, help="the subset, the held-out split, the head's init, the data order and augmentation")
+    finetune.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps (a checkpoint is written)")
+    finetune.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                          help="continue from a checkpoint: PATH, latest (the run folder's finetune-latest.pth.tar) or auto")
+    finetune.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="also write the -latest checkpoint every N steps")
+    finetune.add_argument("--dry-run", action="store_true", help="print the param groups, the schedule and the memory estimate; train nothing")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.set_defaults(run=_finetune)
+
+
 def _add_run_parsers(commands) -> None:
     """``train`` and ``submit``, which share the config, the run folder and the run's length."""
     run = argparse.ArgumentParser(add_help=False)
@@ -350,7 +413,8 @@ def _add_data_parser(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastjepa", description="Kernel-optimized I-JEPA pretraining.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_parsers, _add_plot_parser, _add_eval_parsers, _add_export_parser, _add_info_parser, _add_data_parser):
+    for add in (_add_run_parsers, _add_plot_parser, _add_eval_parsers, _add_finetune_parser, _add_export_parser, _add_info_parser,
+                _add_data_parser):
         add(commands)
     return parser
 

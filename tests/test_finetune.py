@@ -1,0 +1,224 @@
+"""fastjepa finetune: MAE's layer-decay groups against a hand-written table, the schedule, an
+exact resume after SIGTERM, the best checkpoint chosen on held-out train, the hf export's
+logits, the CLI's dry run and its one-line errors. A ViT-tiny at 16 px (4 tokens) on digits
+keeps each run to seconds; the 90% digits run from a pretraining checkpoint is under -m slow."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from fastjepa.cli import main as cli
+from fastjepa.config import ConfigError
+from fastjepa.finetune import fit, loop
+from fastjepa.finetune.model import Classifier
+from fastjepa.finetune.recipe import SCHEMA, layer_id, lr_at, param_groups, validate
+from fastjepa.helper import CheckpointError, read_checkpoint
+from fastjepa.models import vision_transformer as vit
+from fastjepa.weights import export_weights
+
+QUICK = {"data.batch_size": 8, "optimization.epochs": 2, "optimization.warmup_epochs": 1, "augment.mixup": 0.8, "augment.cutmix": 1.0,
+         "augment.erase_prob": 0.25, "augment.label_smoothing": 0.1, "data.holdout": 0.25, "model.drop_path": 0.1}
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    """A ViT-tiny/8 at 16 px (random init) as fastjepa safetensors: what a pretraining run exports."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny16.safetensors"
+    export_weights(vit.vit_tiny(img_size=[16], patch_size=8), "safetensors", path)
+    return path
+
+
+def run(encoder_file, out, **options):
+    overrides = {**QUICK, **options.pop("overrides", {})}
+    return fit(encoder_file, "digits", overrides=overrides, per_class=4, out=out, progress=False, **options)
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+def test_layer_decay_groups_follow_maes_rule_written_out_for_depth_2():
+    torch.manual_seed(0)
+    encoder = vit.VisionTransformer(img_size=[16], patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    groups = param_groups(Classifier(encoder, 3, head_norm=True), weight_decay=0.05, layer_decay=0.5)
+    table = {group["name"]: (group["lr_scale"], group["weight_decay"], group["param_names"]) for group in groups}
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
+             "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+
+    assert table == {  # depth 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5^1, final norm and head 0.5^0
+        "layer_0_no_decay": (0.125, 0.0, ["encoder.patch_embed.proj.bias"]),
+        "layer_0_decay": (0.125, 0.05, ["encoder.patch_embed.proj.weight"]),
+        "layer_1_no_decay": (0.25, 0.0, [f"encoder.blocks.0.{n}" for n in block if n.startswith("norm") or n.endswith("bias")]),
+        "layer_1_decay": (0.25, 0.05, [f"encoder.blocks.0.{n}" for n in block if not (n.startswith("norm") or n.endswith("bias"))]),
+        "layer_2_no_decay": (0.5, 0.0, [f"encoder.blocks.1.{n}" for n in block if n.startswith("norm") or n.endswith("bias")]),
+        "layer_2_decay": (0.5, 0.05, [f"encoder.blocks.1.{n}" for n in block if not (n.startswith("norm") or n.endswith("bias"))]),
+        "layer_3_no_decay": (1.0, 0.0, ["encoder.norm.weight", "encoder.norm.bias", "head.bias"]),
+        "layer_3_decay": (1.0, 0.05, ["head.weight"]),
+    }
+    assert "encoder.pos_embed" not in sum((g["param_names"] for g in groups), [])  # a fixed sin-cos table: not trained
+    assert [layer_id(n, 32) for n in ("pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.31.mlp.fc2.bias", "norm.bias")] \
+        == [0, 0, 1, 32, 33]
+
+
+def test_the_schedule_warms_up_from_zero_then_a_half_cosine_to_min_lr():
+    assert lr_at(0.0, 1e-3, 1e-6, 5, 50) == 0.0
+    assert lr_at(2.5, 1e-3, 1e-6, 5, 50) == pytest.approx(5e-4)
+    assert lr_at(5.0, 1e-3, 1e-6, 5, 50) == pytest.approx(1e-3)
+    assert lr_at(27.5, 1e-3, 1e-6, 5, 50) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lr_at(50.0, 1e-3, 1e-6, 5, 50) == pytest.approx(1e-6)
+
+
+def test_every_preset_is_valid_and_its_header_cites_a_source():
+    from fastjepa.config import RECIPES, recipe_names
+
+    names = recipe_names(finetune=True)
+    assert {"finetune_digits", "finetune_in1k_1pct_vith14", "finetune_in1k_vith16_448", "finetune_in1k_mae_vitb16", "finetune_in1k_mae_vitl16",
+            "finetune_in1k_mae_vith14"} == set(names)
+    for name in names:
+        path = RECIPES / f"{name}.yaml"
+        config = validate(yaml.safe_load(path.read_text()))
+        header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+        assert header and set(config) == set(SCHEMA)
+        if name != "finetune_digits":
+            assert "2022" in header or "2023" in header, f"{name}: its header names no paper"
+    one_pct = validate(yaml.safe_load((RECIPES / "finetune_in1k_1pct_vith14.yaml").read_text()))
+    assert (one_pct["optimization"]["lr"], one_pct["optimization"]["weight_decay"], one_pct["optimization"]["layer_decay"],
+            one_pct["augment"]["mixup"], one_pct["augment"]["cutmix"], one_pct["augment"]["erase_prob"], one_pct["model"]["drop_path"],
+            one_pct["optimization"]["epochs"]) == (3e-5, 0.4, 0.75, 0.0, 0.0, 0.0, 0.0, 50)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key optimization.lr_decay"):
+        validate({"optimization": {"lr_decay": 0.7}})
+    with pytest.raises(ConfigError, match="set one of optimization.lr .* not both"):
+        validate({"optimization": {"lr": 1e-4, "blr": 1e-3}})
+    with pytest.raises(ConfigError, match="augment.mixup_mode must be one of batch, pair, elem"):
+        validate({"augment": {"mixup_mode": "rows"}})
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_a_run_trains_evaluates_and_keeps_the_best_held_out_epoch(encoder_file, tmp_path):
+    result = run(encoder_file, tmp_path / "run")
+    assert result.steps == 2 * 3 and len(result.losses) == 6 and all(math.isfinite(x) for x in result.losses)
+    assert [e["epoch"] for e in result.evaluations] == [1, 2]
+    assert result.best == max(result.evaluations, key=lambda e: (e["heldout_top1"], -e["epoch"]))
+    best = read_checkpoint(tmp_path / "run" / "finetune-best.pth.tar")
+    assert best["epoch"] == result.best["epoch"] and best["classes"] == [str(d) for d in range(10)]
+    rows = (tmp_path / "run" / "finetune.csv").read_text().splitlines()
+    assert rows[0] == ",".join(loop.CSV_COLUMNS) and len(rows) == 1 + 6 + 2  # a row per step, one per evaluation
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(encoder_file, tmp_path, monkeypatch):
+    whole = run(encoder_file, tmp_path / "whole")
+    real_step = loop.train_step
+    calls = []
+
+    def step_then_sigterm(*args):
+        out = real_step(*args)
+        calls.append(1)
+        if len(calls) == 4:  # in the second epoch's first step: the notice arrives mid-epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_sigterm)
+    stopped = run(encoder_file, tmp_path / "split")
+    assert stopped.preempted and stopped.steps == 4
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = run(encoder_file, tmp_path / "split", resume="latest")
+    assert resumed.steps == 2 and stopped.losses + resumed.losses == whole.losses
+    a, b = read_checkpoint(tmp_path / "whole" / loop.LATEST), read_checkpoint(tmp_path / "split" / loop.LATEST)
+    for key in ("encoder", "head"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(x, y) for x, y in zip(a["opt"]["state"][0].values(), b["opt"]["state"][0].values()))
+    assert resumed.best == whole.best
+
+
+def test_the_hf_export_gives_fastjepas_logits_and_labels(encoder_file, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run(encoder_file, tmp_path / "run", overrides={"model.head_norm": True, "optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+    checkpoint = tmp_path / "run" / loop.BEST
+    state = read_checkpoint(checkpoint)
+    model = Classifier(vit.vit_tiny(img_size=[16], patch_size=8), 10, head_norm=True)
+    model.encoder.load_state_dict(state["encoder"])
+    model.head.load_state_dict(state["head"])
+    model.head_norm.load_state_dict(state["head_norm"])
+    model.eval()
+    assert cli(["export", str(checkpoint), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.IJepaForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {i: str(i) for i in range(10)}
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ours, theirs = model(images), hf(pixel_values=images).logits
+    assert ours.abs().max() > 0 and (theirs - ours).abs().max() <= 1e-5 * max(1.0, ours.abs().max())
+    for fmt in ("timm", "safetensors"):  # the head travels in the other formats too
+        out = tmp_path / f"{fmt}.safetensors"
+        assert cli(["export", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+        from safetensors.torch import load_file
+
+        assert load_file(out)["head.weight"].shape == (10, 192)
+    assert cli(["eval", "knn", "--weights", str(checkpoint), "--out", str(tmp_path / "eval"), "--per-class", "5", "--no-progress"]) == 0
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_dry_run_prints_the_groups_the_schedule_and_the_memory(encoder_file, capsys):
+    assert cli(["finetune", "--weights", str(encoder_file), "--dry-run", "--per-class", "4", "--set", "optimization.layer_decay=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "param groups   28 (MAE's layer-wise lr decay 0.5)" in out and "layer_0_decay" in out and "0.0001221" in out  # 0.5 ** 13
+    assert "peak lr" in out and "memory" in out
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--preset", "finetune_vit_z"], 2, "config finetune_vit_z is neither a file nor a fine-tuning preset; the presets are finetune_digits"),
+    (["--set", "augment.mixup_alpha=0.2"], 2, "unknown key augment.mixup_alpha"),
+    (["--set", "optimization.lr=0.0001"], 2, "set one of optimization.lr (absolute) and optimization.blr"),
+])
+def test_bad_presets_and_keys_are_one_line_with_exit_2(encoder_file, capsys, argv, code, message):
+    assert cli(["finetune", "--weights", str(encoder_file), *argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_checkpoint_without_an_encoder_and_an_empty_class_are_one_line_errors(encoder_file, tmp_path, capsys):
+    torch.save({"predictor": {}, "epoch": 1}, tmp_path / "predictor-only.pth.tar")
+    assert cli(["finetune", "--weights", str(tmp_path / "predictor-only.pth.tar"), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "neither a training checkpoint" in err and "\n" not in err
+    data = tmp_path / "data"
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (i, 0, 0)).save(data / split / name / f"{name}{i}.png")
+    (tmp_path / "cats.txt").write_text("cat0.png\ncat1.png\n")  # a subset without a dog
+    assert cli(["finetune", "--weights", str(encoder_file), "--data", str(data), "--subset", str(tmp_path / "cats.txt"),
+                "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "class 'dog' has no training image" in err and "\n" not in err
+
+
+def test_resuming_with_other_classes_is_refused_and_overwrites_nothing(encoder_file, tmp_path, capsys):
+    run(encoder_file, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+    latest = tmp_path / "run" / loop.LATEST
+    before = latest.read_bytes()
+    data = tmp_path / "data"
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (20, 20), (i, 40, 0)).save(data / split / name / f"{i}.png")
+    assert cli(["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "has a head of 10 classes" in err and "has 2 (cat, dog" in err and "\n" not in err
+    assert latest.read_bytes() == before
