@@ -69,12 +69,14 @@ def _submit(args) -> int:
 
 
 def _plot(args) -> int:
-    from fastjepa.plot import eval_results_in, plot_eval, plot_run
+    from fastjepa.plot import FINETUNE_LOG, eval_results_in, plot_eval, plot_finetune, plot_run
 
     evaluations = eval_results_in(args.folder) if os.path.isdir(args.folder) else []
     for results in evaluations:  # an eval run's folder: one grid per probe
         print(plot_eval(results))
-    if not evaluations:
+    if os.path.isfile(os.path.join(args.folder, FINETUNE_LOG)):
+        print(plot_finetune(args.folder))
+    elif not evaluations:
         print(plot_run(args.folder))
     return 0
 
@@ -368,7 +370,7 @@ def _add_run_parsers(commands) -> None:
 
 
 def _add_plot_parser(commands) -> None:
-    plot = commands.add_parser("plot", help="draw a training run's curves, or an eval run's grid of heads, to PNG")
+    plot = commands.add_parser("plot", help="draw a training or fine-tuning run's curves, or an eval run's grid of heads, to PNG")
     plot.add_argument("folder", metavar="OUT_DIR")
     plot.set_defaults(run=_plot)
 

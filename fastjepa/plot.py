@@ -1,4 +1,4 @@
-"""Training curves from the trainer's per-rank CSV log; the heads' grid of an eval run.
+"""Training curves from the trainer's per-rank CSV log; a fine-tuning run's curves; the heads' grid of an eval run.
 
 The trainer writes ``{write_tag}_r{rank}.csv`` in its output folder, one row per
 logged step::
@@ -243,6 +243,66 @@ def plot_run(out_dir: str | pathlib.Path, rank: int = 0) -> pathlib.Path:
     epochs = f"epochs {log['epoch'][0]}\u2013{log['epoch'][-1]}" if len(starts) else f"epoch {log['epoch'][0]}"
     fig.suptitle(f"{out_dir.resolve().name}  \u2014  {csv_path.name}  ({n} step{'s' if n > 1 else ''}, {epochs})", fontsize=13)
 
+    png = out_dir / "curves.png"
+    fig.savefig(png, dpi=110)
+    fig.clear()
+    return png
+
+
+# ---------------------------------------------------------------------------- fine-tuning runs
+
+FINETUNE_LOG = "finetune.csv"  # what fastjepa finetune writes: a row per step, an evaluation row after each epoch
+
+
+def read_finetune_log(csv_path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """A fine-tuning CSV's columns as float arrays (blank cells NaN), with ``global_step``: the
+    step count at each row (an evaluation row shares its epoch's last step)."""
+    csv_path = pathlib.Path(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise ValueError(f"{csv_path} has no data rows")
+    header = rows[0]
+    columns = {name: np.array([_number(row[i].strip() or "nan", name, csv_path, line) for line, row in enumerate(rows[1:], start=2)])
+               for i, name in enumerate(header)}
+    is_step = np.isfinite(columns["loss"])
+    columns["global_step"] = np.cumsum(is_step).astype(float)
+    return columns
+
+
+def plot_finetune(out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Draw ``out_dir/curves.png`` from a fine-tuning run's ``finetune.csv``: the loss (+ EMA),
+    the lr, and held-out and val top-1 (and val top-5) after each epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = pathlib.Path(out_dir)
+    log = read_finetune_log(out_dir / FINETUNE_LOG)
+    step, loss = log["global_step"], log["loss"]
+    steps = np.isfinite(loss)
+    evaluated = np.isfinite(log["val top-1"])
+    fig = Figure(figsize=(10, 9))
+    fig.subplots_adjust(left=0.09, right=0.95, top=0.93, bottom=0.06, hspace=0.3)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr, ax_acc = fig.subplots(3, 1, sharex=True)
+    if steps.any():
+        span = int(min(100, max(1, steps.sum() // 20)))
+        ax_loss.plot(step[steps], loss[steps], color="tab:blue", alpha=0.35, lw=0.8, label="loss")
+        ax_loss.plot(step[steps], ema(loss[steps], span), color="tab:blue", lw=2, label=f"EMA (span {span})")
+        ax_lr.plot(step[steps], log["lr"][steps], color="tab:green")
+    ax_loss.set_title("training loss (soft-target cross-entropy)")
+    ax_loss.legend(loc="upper right")
+    ax_lr.set_title("learning rate (layer decay 1: the head)")
+    for column, colour, style in (("heldout top-1", "tab:orange", "-o"), ("val top-1", "tab:purple", "-o"), ("val top-5", "tab:purple", ":o")):
+        if evaluated.any():
+            ax_acc.plot(step[evaluated], log[column][evaluated], style, color=colour, ms=4, label=column)
+    if evaluated.any():
+        best = int(np.nanargmax(np.where(evaluated, log["heldout top-1"], -np.inf)))
+        ax_acc.axvline(step[best], color="tab:orange", lw=0.8, ls="--", label=f"best held-out (val top-1 {log['val top-1'][best]:.2f})")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set_title("accuracy after each epoch (%)")
+    ax_acc.set_xlabel("step")
+    fig.suptitle(f"{out_dir.resolve().name}  \u2014  {FINETUNE_LOG}  ({int(steps.sum())} steps, {int(evaluated.sum())} epochs evaluated)", fontsize=13)
     png = out_dir / "curves.png"
     fig.savefig(png, dpi=110)
     fig.clear()

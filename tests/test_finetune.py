@@ -7,6 +7,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -222,3 +223,14 @@ def test_resuming_with_other_classes_is_refused_and_overwrites_nothing(encoder_f
     err = capsys.readouterr().err.strip()
     assert "has a head of 10 classes" in err and "has 2 (cat, dog" in err and "\n" not in err
     assert latest.read_bytes() == before
+
+
+def test_plot_draws_a_finetuning_run(encoder_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastjepa.plot import read_finetune_log
+
+    run(encoder_file, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+    log = read_finetune_log(tmp_path / "run" / "finetune.csv")
+    assert list(log["global_step"]) == [1, 2, 3, 3] and np.isnan(log["loss"][-1]) and np.isfinite(log["val top-1"][-1])
+    assert cli(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
