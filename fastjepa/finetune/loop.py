@@ -37,13 +37,13 @@ from fastjepa.finetune.model import BN_EPS, Classifier
 from fastjepa.finetune.recipe import base_lr, lr_at, param_groups, set_lr, validate
 from fastjepa.helper import CheckpointError, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.models import vision_transformer as vit
+from fastjepa.plot import FINETUNE_LOG
 from fastjepa.run import PreemptionNotice, run_folder, tensorboard
 from fastjepa.step import describe_nonfinite, nonfinite_flag
 from fastjepa.weights import checkpoint_weights, load_state, read_weights
 
 LATEST = "finetune-latest.pth.tar"
 BEST = "finetune-best.pth.tar"
-CSV_NAME = "finetune.csv"
 CSV_COLUMNS = ("epoch", "step", "loss", "lr", "heldout top-1", "val top-1", "val top-5", "img/s")
 COMPILE_BACKEND = "inductor"  # as the trainer's; the CPU tests use "aot_eager"
 AUGMENT_STREAM = 2  # mixed into a step's seed for its augmentation, apart from drop path's
@@ -75,6 +75,7 @@ class Run:
     peak_lr: float
     source: str  # the weights fine-tuned
     seed: int
+    crop_size: int  # the images' side (data.crop_size, or the encoder's)
     start_epoch: int = 0
     start_itr: int = 0
     best: dict | None = None
@@ -123,7 +124,10 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
         state, shape = checkpoint_weights(checkpoint, "target", checkpoint_path)
     else:
         state, shape = read_weights(weights, config["model"]["encoder"])
-    splits = load_finetune_splits(data, shape.crop_size, config["data"]["holdout"], seed=seed, **subset_options)
+    crop = config["data"]["crop_size"] or shape.crop_size
+    if crop % shape.patch_size:
+        raise ConfigError(f"data.crop_size {crop} is not a multiple of the encoder's patch size {shape.patch_size}")
+    splits = load_finetune_splits(data, crop, config["data"]["holdout"], seed=seed, **subset_options)
     classes = splits.classes
     if checkpoint is not None and checkpoint["classes"] != classes:
         raise CheckpointError(f"checkpoint {checkpoint_path} has a head of {len(checkpoint['classes'])} classes "
@@ -144,17 +148,17 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
     groups = param_groups(model, opt["weight_decay"], opt["layer_decay"])
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=0.0,
                                   fused=device.type == "cuda")
-    loader = train_loader(config, splits.train, folder / "images" / "train", shape.crop_size, device, seed, rank(), world_size(),
+    loader = train_loader(config, splits.train, folder / "images" / "train", crop, device, seed, rank(), world_size(),
                           all_gather_object)
     global_batch = config["data"]["batch_size"] * world_size()
     run = Run(config, device, folder, splits, wrapped, optimizer, make_augment(config, len(classes)), loader,
-              base_lr(config, global_batch), str(weights), seed)
+              base_lr(config, global_batch), str(weights), seed, crop)
     if checkpoint is not None:
         load_optimizer(checkpoint, checkpoint_path, optimizer)
         state = checkpoint["fastjepa_finetune"]
         run.start_epoch, run.start_itr, run.best = int(state["epoch"]), int(state["itr"]), state["best"]
         say(f"resumed from {checkpoint_path} at epoch {run.start_epoch}, step {run.start_itr} of {loader.steps_per_epoch}")
-    say(f"fastjepa finetune: {shape.model_name}/{shape.patch_size} at {shape.crop_size} px from {weights}, {len(classes)} classes; {len(splits.train)} training images "
+    say(f"fastjepa finetune: {shape.model_name}/{shape.patch_size} (pretrained at {shape.crop_size} px) at {crop} px from {weights}, {len(classes)} classes; {len(splits.train)} training images "
         f"({len(splits.heldout)} held out to choose the best epoch), {len(splits.val)} val; peak lr {run.peak_lr:.3g} "
         f"(global batch {global_batch}); output folder {folder}")
     return run
@@ -241,7 +245,7 @@ EVAL_BATCH = 256  # images per forward when measuring (no activations kept), as 
 
 
 def evaluate_epoch(run: Run, epoch: int) -> dict:
-    size, batch, bf16 = unwrap(run.model).encoder.patch_embed.img_size, max(EVAL_BATCH, run.config["data"]["batch_size"]), run.config["meta"]["use_bfloat16"]
+    size, batch, bf16 = run.crop_size, max(EVAL_BATCH, run.config["data"]["batch_size"]), run.config["meta"]["use_bfloat16"]
     workers = run.config["data"]["num_workers"]
     heldout, _ = accuracy(run.model, run.splits.heldout, size, batch, run.device, bf16, workers)
     val1, val5 = accuracy(run.model, run.splits.val, size, batch, run.device, bf16, workers)
@@ -295,7 +299,7 @@ def _loop(run: Run, max_steps, checkpoint_every, progress) -> FinetuneResult:
     if is_main:
         with open(run.folder / "params-finetune.yaml", "w") as f:
             yaml.dump(config, f)
-    log = FinetuneLog(run.folder / CSV_NAME, (run.start_epoch, run.start_itr)) if is_main else None
+    log = FinetuneLog(run.folder / FINETUNE_LOG, (run.start_epoch, run.start_itr)) if is_main else None
     board = tensorboard(run.folder) if is_main else None
     counts = Counts(step=run.start_epoch * ipe + run.start_itr)
     total = epochs * ipe if max_steps is None else min(epochs * ipe, counts.step + max_steps)

@@ -19,7 +19,8 @@ def describe(config: dict, weights, data: str, device=None, seed: int = 0, per_c
     if weights is None:
         return "fastjepa finetune --dry-run: the config is valid (give --weights to see the param groups, schedule and memory)"
     _, shape = read_weights(weights, config["model"]["encoder"])
-    splits = load_finetune_splits(data, shape.crop_size, data_cfg["holdout"], per_class, fraction, subset, seed)
+    crop = data_cfg["crop_size"] or shape.crop_size
+    splits = load_finetune_splits(data, crop, data_cfg["holdout"], per_class, fraction, subset, seed)
     with torch.device("meta"):
         encoder = getattr(vit, shape.model_name)(img_size=[shape.crop_size], patch_size=shape.patch_size)
         model = Classifier(encoder, len(splits.classes), config["model"]["head_norm"])
@@ -32,7 +33,7 @@ def describe(config: dict, weights, data: str, device=None, seed: int = 0, per_c
     rule = f"lr {opt['lr']:g}" if opt["lr"] is not None else f"blr {opt['blr']:g} x {global_batch} / 256"
 
     params_m = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    tokens = encoder.patch_embed.num_patches
+    tokens = (crop // shape.patch_size) ** 2
     value_bytes = 2 if meta["use_bfloat16"] else 4
     micro_batch = data_cfg["batch_size"] // opt["grad_accum_steps"]
     blocks = len(encoder.blocks)
@@ -40,7 +41,7 @@ def describe(config: dict, weights, data: str, device=None, seed: int = 0, per_c
     activation_gb = micro_batch * per_image * value_bytes / 1e9
     lines = [
         "fastjepa finetune --dry-run: the config is valid",
-        f"  model          {shape.model_name}/{shape.patch_size} at {shape.crop_size} px from {weights}: {params_m:.1f} M trained parameters, "
+        f"  model          {shape.model_name}/{shape.patch_size} at {crop} px (pretrained at {shape.crop_size}) from {weights}: {params_m:.1f} M trained parameters, "
         f"head {encoder.embed_dim} -> {len(splits.classes)} classes" + (" (BatchNorm first)" if config["model"]["head_norm"] else "")
         + f", drop path {config['model']['drop_path']:g}",
         f"  data           {data}: {len(splits.train)} training images, {len(splits.heldout)} held out (choose the best epoch), "

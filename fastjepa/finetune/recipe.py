@@ -41,6 +41,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "backend": Key("str", "auto", lambda v: v in DATA_BACKENDS, f"one of {', '.join(DATA_BACKENDS)}"),
         "batch_size": Key("int", 32, _positive, ">= 1 (images per process)"),
+        # null: the encoder's pretraining crop; another size interpolates the position table (bicubic), as the encoder does
+        "crop_size": Key("int", None, _positive, ">= 1 pixels", optional=True),
         "crop_scale": Key("pair", [0.08, 1.0], _fraction_pair, "[min, max] with 0 < min <= max <= 1"),
         "flip": Key("bool", True),
         "num_workers": Key("int", 0, _non_negative, ">= 0"),
