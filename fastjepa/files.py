@@ -65,6 +65,13 @@ def free_space(path) -> int | None:
     return usage.free if usage.total > 0 else None  # some network and FUSE file systems report no sizes at all
 
 
+def check_space(path, needed: int) -> None:
+    """``DiskFullError`` before writing ``path`` when less than ``needed`` bytes are free there."""
+    free = free_space(path)
+    if free is not None and free < needed:
+        raise DiskFullError(path, needed, free)
+
+
 def disk_full(error: BaseException, path, needed: int) -> DiskFullError | None:
     """The verdict on a failed write of ``path`` (its temporary file already removed): a
     ``DiskFullError`` when the disk is full (the OS said so, or less than ``needed`` is free now),
@@ -151,9 +158,7 @@ def replaced_atomically(path, needed: int, folder: bool = False):
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     remove_stale(path)
-    free = free_space(path)
-    if free is not None and free < needed:
-        raise DiskFullError(path, needed, free)
+    check_space(path, needed)
     if folder:
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; what we write is ordinary
