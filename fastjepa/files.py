@@ -154,26 +154,25 @@ def replaced_atomically(path, needed: int, folder: bool = False):
     renamed over ``path``. Before: stale temporary files of ``path`` are removed and ``needed``
     bytes must be free (``DiskFullError``). When the block or the rename fails, the temporary
     file is removed, ``path`` is unchanged, and a full disk is raised as ``DiskFullError``."""
-    path = os.path.abspath(os.fspath(path))
+    shown, path = os.fspath(path), os.path.abspath(path)  # messages name the path as it was given
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     remove_stale(path)
-    check_space(path, needed)
+    check_space(shown, needed)
     if folder:
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; what we write is ordinary
         lock = os.open(tmp, os.O_RDONLY)
     else:
         lock, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        os.chmod(tmp, 0o666 & ~_umask())
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file is in place or removed: not stale
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())  # mkdtemp and mkstemp make them private; ours are ordinary
         yield tmp
         _sync(tmp, lock, folder)
         _install(tmp, path, folder)
     except BaseException as e:
         _remove(tmp)
-        full = disk_full(e, path, needed)
+        full = disk_full(e, shown, needed)
         if full is None or full is e:
             raise
         raise full from e
