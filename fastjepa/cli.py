@@ -1,7 +1,8 @@
 """The ``fastjepa`` command line: train, submit, plot, eval, finetune, export, info, data verify.
 
-Exit codes: 0 done, 1 the run failed (bad data, unreadable checkpoint, non-finite
-loss; ``data verify``: bad files found), 2 bad command line or config, 130 interrupted.
+Exit codes: 0 done, 1 the run failed (bad data, an unreadable or unsafe checkpoint, a full
+disk, non-finite loss; ``data verify``: bad files found), 2 bad command line or config, 130
+interrupted. Each failure is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations

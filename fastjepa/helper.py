@@ -7,7 +7,9 @@ Differences from the reference, on purpose:
   scaler's inf check would, without its host sync;
 * AdamW is fused on a GPU (``fused=True``: the same update in one kernel);
 * a checkpoint that cannot be loaded raises ``CheckpointError`` instead of being
-  logged and silently replaced by a fresh start.
+  logged and silently replaced by a fresh start (``UnsafeCheckpointError`` when its pickle
+  would run code: it is never unpickled);
+* ``save_checkpoint`` checks the free space first and raises ``DiskFullError`` on a full disk.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
+import re
 import zipfile
 
 import torch
 
+from fastjepa.errors import DiskFullError as DiskFullError  # save_checkpoint's error, importable from here
+from fastjepa.files import replaced_atomically, space_needed
 from fastjepa.models import vision_transformer as vit
 from fastjepa.utils.schedulers import CosineWDSchedule, WarmupCosineSchedule
 from fastjepa.utils.tensors import trunc_normal_
@@ -31,6 +35,11 @@ MODEL_NAMES = tuple(vit.VIT_EMBED_DIMS)
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, truncated or does not fit the models."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle names Python objects (classes, functions) beyond tensors and plain
+    values: unpickling it could run any code, so it is refused before anything in it runs."""
 
 
 def init_model(device, patch_size=16, model_name="vit_base", crop_size=224, pred_depth=6, pred_emb_dim=384):
@@ -143,13 +152,26 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a write that never finished?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a torch file: every reason is reported the same way
-        if isinstance(e, pickle.UnpicklingError) or not zipfile.is_zipfile(path):  # torch's own message would be about pickling
-            raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): not a torch file (or a truncated one)") from e
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {first_problem(e)}") from e
+    except Exception as e:
+        raise load_failure(path, e) from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint
+
+
+def load_failure(path, error: Exception) -> CheckpointError:
+    """What ``torch.load(path, weights_only=True)`` failing with ``error`` means, in one line: a
+    pickle that names globals weights_only refuses (torch's message says "GLOBAL module.name";
+    nothing was unpickled past them), or a file that is truncated, corrupt or not a torch file."""
+    text = str(error)
+    refused = re.findall(r"GLOBAL ((?:\w+\.)+\w+)", text) if text.startswith("Weights only load failed") else []
+    if refused:  # a truncated pickle can cut a name short ("GLOBAL torc."): only whole dotted names count
+        names = ", ".join(dict.fromkeys(refused))
+        return UnsafeCheckpointError(f"checkpoint {path} holds Python objects fastjepa will not unpickle ({names}): it is not safe to load, "
+                                     "and no code in it ran")
+    if isinstance(error, pickle.UnpicklingError) or not zipfile.is_zipfile(path):  # torch's own message would be about pickling
+        return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): not a torch file (or a truncated one)")
+    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(error).__name__}: {first_problem(error)}")
 
 
 def load_models(checkpoint: dict, path, encoder, predictor, target_encoder) -> None:
@@ -200,21 +222,10 @@ def load_checkpoint(device, r_path, encoder, predictor, target_encoder, opt, sca
 
 
 def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same
-    folder, flushed to disk, then renamed over ``path``. A failed write leaves any
-    previous file at ``path`` untouched."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``state`` with ``torch.save`` atomically (``fastjepa.files.replaced_atomically``): a
+    temporary file in the same folder, flushed to disk, then renamed over ``path``. A failed
+    write leaves any previous file at ``path`` untouched and no temporary file; a full disk,
+    found by the free-space check before writing or by the write itself, raises
+    ``DiskFullError`` (an ``OSError``, errno ENOSPC) naming the path, the size and the space free."""
+    with replaced_atomically(path, space_needed(state)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fastjepa.distributed import broadcast_object, full_state
+from fastjepa.errors import DiskFullError
 from fastjepa.helper import CheckpointError, load_optimizer, save_checkpoint
 from fastjepa.step import DIAGNOSTICS
 
@@ -205,7 +206,9 @@ def resume_position(checkpoint: dict, path: Path, optimizer, lr_scheduler, wd_sc
 class Checkpointer:
     """Writes the run's checkpoints: the reference's dict (the three models with DDP's prefix,
     ``opt``, ``epoch``, ...) plus the ``fastjepa`` entry for the exact resume (config, seed,
-    step, schedules), atomically (``save_checkpoint``), from rank 0, never with NaN or inf."""
+    step, schedules), atomically (``save_checkpoint``), from rank 0, never with NaN or inf. On a
+    full disk its ``DiskFullError`` also names the checkpoint kept (the last one written, or the
+    one the run resumed from) and how to continue from it."""
 
     def __init__(self, folder: Path, config: dict, seed: int, models, optimizer, schedulers, is_main: bool, world_size: int):
         self.folder, self.config, self.seed, self.is_main, self.world_size = folder, config, seed, is_main, world_size
@@ -213,6 +216,7 @@ class Checkpointer:
         self.optimizer, self.schedulers = optimizer, schedulers  # (lr, wd, momentum)
         self.tag = config["logging"]["write_tag"]
         self.latest = folder / f"{self.tag}-latest.pth.tar"
+        self.kept: tuple[Path, int, int] | None = None  # (path, epoch, itr) of the last checkpoint written or resumed from
 
     def numbered(self, epoch: int) -> Path:
         return self.folder / f"{self.tag}-ep{epoch}.pth.tar"
@@ -230,13 +234,24 @@ class Checkpointer:
             return
         data, optimization = self.config["data"], self.config["optimization"]
         lr_scheduler, wd_scheduler, momentum_scheduler = self.schedulers
-        save_checkpoint({
-            **state, "scaler": None, "epoch": epoch, "loss": loss_avg,
-            "batch_size": data["batch_size"], "world_size": self.world_size, "lr": optimization["lr"],
-            "fastjepa": {"config": self.config, "seed": self.seed, "epoch": epoch, "itr": itr,
-                         "lr_schedule": lr_scheduler.state_dict(), "wd_schedule": wd_scheduler.state_dict(),
-                         "momentum_schedule": momentum_scheduler.state_dict()},
-        }, path)
+        try:
+            save_checkpoint({
+                **state, "scaler": None, "epoch": epoch, "loss": loss_avg,
+                "batch_size": data["batch_size"], "world_size": self.world_size, "lr": optimization["lr"],
+                "fastjepa": {"config": self.config, "seed": self.seed, "epoch": epoch, "itr": itr,
+                             "lr_schedule": lr_scheduler.state_dict(), "wd_schedule": wd_scheduler.state_dict(),
+                             "momentum_schedule": momentum_scheduler.state_dict()},
+            }, path)
+        except DiskFullError as e:
+            raise DiskFullError(e.path, e.needed, e.free, self.kept_text()) from e
+        self.kept = (path, epoch, itr)
+
+    def kept_text(self) -> str:
+        """What a failed write leaves to continue from, in words."""
+        if self.kept is None:
+            return "no checkpoint of this run was written before it: free some space and start again"
+        path, epoch, itr = self.kept
+        return f"the previous checkpoint {path} (epoch {epoch}, step {itr}) is kept: free some space, then continue with --resume {path}"
 
 
 # ---------------------------------------------------------------------------- the summary

@@ -176,6 +176,8 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     if fused or device.type == "cuda":  # on the CPU, auto's fallback is the expected path
         say(f"optimizer: {why}")
     checkpoints = Checkpointer(folder, config, seed, (encoder, predictor, target_encoder), optimizer, schedulers, rank() == 0, world_size())
+    if checkpoint_path is not None:
+        checkpoints.kept = (checkpoint_path, start_epoch, start_itr)
     return Run(config, device, folder, loader, model, target_encoder, target_shadow, optimizer, schedulers, checkpoints,
                start_epoch, start_itr, FusedUpdate(optimizer, encoder, target_encoder, target_shadow) if fused else None)
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 
 from fastjepa.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from fastjepa.files import replaced_atomically, space_needed
 from fastjepa.helper import CheckpointError, first_problem, read_checkpoint
 from fastjepa.models import vision_transformer as vit
 
@@ -431,8 +430,9 @@ def export_weights(source, format: str, out, encoder: str = "target", force: boo
     ``format`` to ``out`` (a folder for ``hf``, a ``.safetensors`` file otherwise). A
     ``fastjepa finetune`` checkpoint keeps its head: hf writes an ``IJepaForImageClassification``
     with ``id2label``, timm and safetensors add ``head.weight`` and ``head.bias``. The files
-    are written beside ``out`` first and renamed into place, so a failure leaves nothing; an
-    existing non-empty ``out`` is replaced only with ``force``. Returns a one-line summary."""
+    are written beside ``out`` first and renamed into place, so a failure leaves nothing and a
+    full disk raises ``DiskFullError``; an existing non-empty ``out`` is replaced only with
+    ``force``. Returns a one-line summary."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if encoder not in ENCODERS:
@@ -446,7 +446,7 @@ def export_weights(source, format: str, out, encoder: str = "target", force: boo
     metadata = {"format": format, **asdict(shape), "encoder": encoder, "source": origin}
     described = f"{shape.model_name}/{shape.patch_size} at {shape.crop_size} px" + (f" with its {len(head.classes)}-class head" if head else "")
     if format == "hf":
-        _write_folder(out, lambda tmp: _write_hf(tmp, state, shape, head))
+        _write_folder(out, lambda tmp: _write_hf(tmp, state, shape, head), space_needed(state))
         kind = "IJepaForImageClassification" if head else "IJepaModel"
         return f"wrote {out}: transformers.{kind}.from_pretrained({out!r}) loads it ({described})"
     if head is not None:
@@ -492,42 +492,14 @@ def _write_hf(folder: str, state: dict, shape: EncoderShape, head: Head | None =
     save_file(tensors, os.path.join(folder, HF_WEIGHTS), metadata={"format": "pt"})
 
 
-def _write_folder(out: str, write) -> None:
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; an export is an ordinary one
+def _write_folder(out: str, write, needed: int) -> None:
+    """``write(folder)`` into a temporary folder beside ``out``, renamed into place once whole."""
+    with replaced_atomically(out, needed, folder=True) as tmp:
         write(tmp)
-        if os.path.isdir(out):  # empty, or replaced under force: moved aside, then removed once the new one is in place
-            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-            os.replace(out, os.path.join(old, "previous"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_file(out: str, state: dict, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-export-", suffix=".safetensors", dir=parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
+    with replaced_atomically(out, space_needed(state)) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "fastjepa": json.dumps(metadata)})
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask

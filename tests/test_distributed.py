@@ -91,7 +91,7 @@ def test_trainer_under_torchrun_logs_per_rank_and_writes_one_checkpoint(tmp_path
     assert [r[2] for r in r0] != [r[2] for r in r1]  # other images and masks on each rank: other losses
     checkpoint = read_checkpoint(tmp_path / "jepa-latest.pth.tar")
     assert checkpoint["world_size"] == 2 and checkpoint["batch_size"] == 2 and checkpoint["fastjepa"]["itr"] == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_fsdp_checkpoint_is_whole_and_resume_continues_exactly(tmp_path):

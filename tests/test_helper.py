@@ -55,7 +55,7 @@ def test_checkpoint_round_trip_and_ddp_prefixes(models, tmp_path):
     path = tmp_path / "jepa-latest.pth.tar"
     save_checkpoint({"encoder": wrapped(encoder), "predictor": wrapped(predictor), "target_encoder": wrapped(target),
                      "opt": optimizer.state_dict(), "scaler": None, "epoch": 7, "loss": 0.5, "batch_size": 4, "world_size": 1, "lr": 1e-3}, path)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     torch.manual_seed(1)
     fresh_encoder, fresh_predictor = init_model("cpu", patch_size=8, model_name="vit_tiny", crop_size=16, pred_depth=1, pred_emb_dim=48)
     fresh_target = copy.deepcopy(fresh_encoder)

@@ -177,7 +177,7 @@ def test_interrupt_during_a_save_keeps_the_last_checkpoint(tmp_path, monkeypatch
         fit(out=tmp_path, max_steps=1, resume="latest", **SMALL)
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "jepa-latest.pth.tar").read_bytes() == before
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp"))
     read_checkpoint(tmp_path / "jepa-latest.pth.tar")
 
 

@@ -73,7 +73,7 @@ def exported_tensors(path) -> dict:
 
 
 def no_leftovers(folder) -> bool:
-    return not [name for name in os.listdir(folder) if name.startswith((".tmp-export-", ".old-export-"))]
+    return not [name for name in os.listdir(folder) if name.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------- round trips

@@ -14,7 +14,8 @@ world_size-th image and the rows are gathered, so every rank holds the whole set
 
 With ``cache`` (a folder) un-augmented features are written there as safetensors, keyed by a
 digest of the weights, the images, the image size, the layers and the compute dtype: a second
-probe re-reads them instead of encoding again. Augmented features (``augmentation`` with an
+probe re-reads them instead of encoding again. A cache file is written whole or not at all
+(``fastjepa.files``); a full disk raises ``DiskFullError``. Augmented features (``augmentation`` with an
 ``epoch``) are drawn afresh for each epoch and never cached.
 """
 
@@ -32,7 +33,9 @@ from PIL import Image
 
 from fastjepa.data.images import load_rgb, make_eval_transform, make_transforms, mix_seed
 from fastjepa.data.normalize import normalize
+from fastjepa.errors import DiskFullError
 from fastjepa.eval.datasets import Split
+from fastjepa.files import replaced_atomically, space_needed
 
 LAYERS = ("last", "last4", "tokens")
 AUGMENTATIONS = ("none", "rrc-flip", "center-flip")  # center-flip: Clevr's (a crop would cut objects out)
@@ -215,8 +218,9 @@ def features(encoder: torch.nn.Module, split: Split, layers: tuple[str, ...], im
     if not _distributed() or dist.get_rank() == 0:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file({name: t.contiguous() for name, t in rows.items()}, temporary)
-        os.replace(temporary, path)
+        try:
+            with replaced_atomically(path, space_needed(rows)) as temporary:
+                save_file({name: t.contiguous() for name, t in rows.items()}, temporary)
+        except DiskFullError as e:
+            raise DiskFullError(e.path, e.needed, e.free, "--no-cache (cache=None) evaluates without writing the cache") from e
     return rows

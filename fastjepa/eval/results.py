@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastjepa.files import replaced_atomically
+
 
 @dataclass
 class ProbeResult:
@@ -31,13 +33,13 @@ class ProbeResult:
 
 def write_results(result: ProbeResult, path: str | os.PathLike, **context) -> Path:
     """Write the JSON file ``path`` (its folder created): the result plus ``context`` (the
-    weights, the data, the subset, ...) and the date. Written to a temporary file, then renamed."""
+    weights, the data, the subset, ...) and the date. Written to a temporary file, then renamed
+    (``fastjepa.files``): a full disk raises ``DiskFullError`` and leaves any previous file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {**result.to_dict(), **context, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    data = (json.dumps(record, indent=2, default=str) + "\n").encode()
+    with replaced_atomically(path, len(data)) as temporary:
+        Path(temporary).write_bytes(data)
     return path
 
 
