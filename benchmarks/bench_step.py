@@ -24,6 +24,10 @@ batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. M
                    ``repeat_interleave_batch``, imported from your own checkout of
                    facebookresearch/ijepa (never vendored, never required), in the
                    reference-eager step (same optimizer, scaler, EMA loop and syncs).
+``--finetune`` times ``fastjepa finetune``'s step instead (``fastjepa.finetune.loop.train_step``
+after ``FinetuneAugment``, with the preset's recipe: MAE's ViT-H RandAugment, mixup/cutmix,
+random erasing, layer decay; uint8 crops already on the device, 1000 classes): images/s and
+the augmentation's share of the step, bf16 on a GPU.
 ``--compile``, ``--fused-optimizer-ema``, ``--grad-accum`` and ``--activation-checkpointing`` are
 the trainer's own switches (meta.compile, optimization.fused_optimizer_ema, ...), through the
 same functions; each row records which were on.
@@ -373,6 +377,75 @@ def bench(name, spec, mode, device, args) -> dict:
     return row
 
 
+FINETUNE_PRESET = "finetune_in1k_mae_vith14"  # the recipe --finetune times (its augmentation and optimizer)
+FINETUNE_CLASSES = 1000
+
+
+def bench_finetune(name, spec, device, args) -> dict:
+    """``fastjepa finetune``'s augmentation and step, the functions its loop calls, on uint8
+    crops already on the device: their times apart (the augmentation's share) and together."""
+    from fastjepa.finetune.loop import make_augment, make_optimizer, train_step
+    from fastjepa.finetune.model import Classifier
+    from fastjepa.finetune.recipe import load_preset, validate
+    from fastjepa.models import vision_transformer as vit
+
+    model_name, patch, crop, batch = spec
+    batch = args.batch_size or batch
+    config = validate(load_preset(FINETUNE_PRESET))
+    config["meta"]["use_bfloat16"] = device.type == "cuda"
+    torch.manual_seed(0)
+    model = Classifier(getattr(vit, model_name)(img_size=[crop], patch_size=patch, drop_path_rate=config["model"]["drop_path"]),
+                       FINETUNE_CLASSES).to(device)
+    model.encoder.grad_checkpointing = args.activation_checkpointing
+    if args.compile:
+        compile_blocks(model.encoder, True)
+    optimizer = make_optimizer(model, config, device)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4 * group["lr_scale"]
+    augment = make_augment(config, FINETUNE_CLASSES)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, FINETUNE_CLASSES, (batch,), generator=g).to(device)
+
+    def augment_ms() -> float:
+        _sync(device)
+        started = time.perf_counter()
+        augment(images, labels, g)
+        _sync(device)
+        return (time.perf_counter() - started) * 1e3
+
+    def step(inputs, targets):
+        return train_step(model, optimizer, inputs, targets, config["meta"]["use_bfloat16"], args.grad_accum)[0]
+
+    for _ in range(args.warmup):
+        step(*augment(images, labels, g))
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step(*augment(images, labels, g))
+    _sync(device)
+    step_ms = (time.perf_counter() - started) * 1e3 / args.steps
+    augment_times = [augment_ms() for _ in range(max(1, args.steps // 2))]
+    augment_median = statistics.median(augment_times)
+    return {
+        "bench": "bench_step", "model": name, "mode": "finetune", "preset": FINETUNE_PRESET, "batch": batch, "compile": args.compile,
+        "grad_accum_steps": args.grad_accum, "activation_checkpointing": args.activation_checkpointing, "quick": args.quick,
+        "step_ms": round(step_ms, 3), "images_per_s": round(batch * 1e3 / step_ms, 2), "augment_ms": round(augment_median, 3),
+        "augment_share": round(augment_median / step_ms, 4), "loss": round(loss, 5), "use_bfloat16": config["meta"]["use_bfloat16"],
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "device": device.type, "hardware": hardware(device),
+    }
+
+
+def print_finetune_table(rows):
+    print(f"{'model':<18}{'mode':<12}{'batch':>6}{'step ms':>10}{'img/s':>9}{'augment ms':>12}{'share':>8}")
+    for r in rows:
+        print(f"{r['model']:<18}{r['mode']:<12}{r['batch']:>6}{r['step_ms']:>10.2f}{r['images_per_s']:>9.1f}{r['augment_ms']:>12.2f}"
+              f"{100 * r['augment_share']:>7.1f}%")
+
+
 def _mean_target_tokens(sampler, draws: int = 20) -> float:
     g = torch.Generator().manual_seed(1)
     return statistics.mean(sampler.sample(8, generator=g)[1][0].shape[1] for _ in range(draws))
@@ -421,6 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=512, help="generated JPEGs for --data (default 512)")
     parser.add_argument("--images-dir", type=Path, help="where the generated JPEGs are kept and reused (default: the temp directory)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers (DataLoader workers, DALI threads) for --data")
+    parser.add_argument("--finetune", action="store_true",
+                        help="time fastjepa finetune's augmentation and step (MAE's ViT-H recipe) instead of pretraining's")
     parser.add_argument("--results", type=Path, default=RESULTS / "bench_step.jsonl")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 20)
@@ -444,6 +519,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         args.peak_tflops = matmul_tflops(device, 8192)
         print(f"{hardware(device)}: bf16 matmul ceiling {args.peak_tflops:.0f} TFLOP/s (MFU's denominator)")
+    if args.finetune:
+        rows = [bench_finetune(name, catalogue[name], device, args) for name in names]
+        print_finetune_table(rows)
+        write_rows(args.results, rows, [__file__, *argv])
+        print(f"appended {len(rows)} rows to {args.results}")
+        return rows
     rows = []
     for name in names:
         for mode in modes:

@@ -2,6 +2,7 @@
 same step as fastjepa's fast path."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,17 @@ def test_report_and_plot_label_the_options_of_a_step_row():
     assert step_options({"compile": False}) == ""
     assert step_options({"compile": True, "cuda_graphs": True, "data": "torchvision"}) == " +cuda-graphs +torchvision data"
     assert step_options({"compile": True, "cuda_graphs": False, "data": "synthetic"}) == " +compile"
+
+
+def test_finetune_rows_time_the_finetuning_step_and_its_augmentation(tmp_path, monkeypatch):
+    import fastjepa.finetune.loop as loop
+
+    module = load_benchmark("bench_step")
+    calls = []
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))  # the loop's own step is what runs
+    results = tmp_path / "rows.jsonl"
+    module.main(["--quick", "--finetune", "--results", str(results)])
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["mode"] == "finetune" and row["preset"] == "finetune_in1k_mae_vith14" and calls
+    assert row["step_ms"] > row["augment_ms"] > 0 and 0 < row["augment_share"] < 1 and math.isfinite(row["loss"])

@@ -100,6 +100,13 @@ def build_classifier(state: dict, shape, source, num_classes: int, config: dict)
     return Classifier(encoder, num_classes, config["model"]["head_norm"])
 
 
+def make_optimizer(model: Classifier, config: dict, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the layer-decay groups (fused on a GPU); the lr is set at every step."""
+    opt = config["optimization"]
+    groups = param_groups(model, opt["weight_decay"], opt["layer_decay"])
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=0.0, fused=device.type == "cuda")
+
+
 def make_augment(config: dict, num_classes: int) -> FinetuneAugment:
     """The config's augment section as a ``FinetuneAugment``."""
     augment = config["augment"]
@@ -145,9 +152,7 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
     if meta["compile"]:
         vit.compile_blocks(model.encoder, meta["compile"], COMPILE_BACKEND)
     wrapped = wrap_model(model, meta["sharding"], device, accumulating=opt["grad_accum_steps"] > 1)
-    groups = param_groups(model, opt["weight_decay"], opt["layer_decay"])
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=0.0,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, config, device)
     loader = train_loader(config, splits.train, folder / "images" / "train", crop, device, seed, rank(), world_size(),
                           all_gather_object)
     global_batch = config["data"]["batch_size"] * world_size()
@@ -187,29 +192,32 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, str | None]:
-    """Forward, backward (in ``grad_accum_steps`` micro-batches), the non-finite guard (one host
-    sync, which also reads the loss), clipping, AdamW. Returns (loss, what was not finite)."""
-    meta, opt = run.config["meta"], run.config["optimization"]
-    parts = min(opt["grad_accum_steps"], len(images))
+def train_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, use_bfloat16: bool = False, accum_steps: int = 1,
+               clip_grad: float | None = None) -> tuple[float, str | None]:
+    """One fine-tuning step of ``model`` (a Classifier, maybe under DDP or FSDP2) on augmented
+    images and their soft targets: forward and backward in ``accum_steps`` micro-batches (the
+    gradients reduced across ranks in the last one's backward only), the non-finite guard (one
+    host sync, which also reads the loss), gradient clipping, the optimizer step. Returns
+    (the loss, what was not finite or None); a non-finite step updates nothing."""
+    parts = min(accum_steps, len(images))
     bounds = [len(images) * i // parts for i in range(parts + 1)]
     loss = None
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        with gradient_sync(run.model, enabled=i == parts - 1):
-            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=meta["use_bfloat16"]):
-                micro = soft_cross_entropy(run.model(images[a:b]), targets[a:b]) * ((b - a) / len(images))
+        with gradient_sync(model, enabled=i == parts - 1):
+            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+                micro = soft_cross_entropy(model(images[a:b]), targets[a:b]) * ((b - a) / len(images))
             micro.backward()
         loss = micro.detach() if loss is None else loss + micro.detach()
-    grads = [local(p.grad) for p in run.model.parameters() if p.grad is not None]
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     bad, value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
     if bad:
-        what = describe_nonfinite(loss, run.model)
-        run.optimizer.zero_grad(set_to_none=True)
+        what = describe_nonfinite(loss, model)
+        optimizer.zero_grad(set_to_none=True)
         return value, what
-    if opt["clip_grad"] is not None:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), opt["clip_grad"])
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return value, None
 
 
@@ -375,7 +383,8 @@ def run_epoch(run: Run, epoch: int, first: int, total: int, checkpoint_every, co
         if len(images) % 2 and run.augment.mixup.active:  # a file of the batch failed: mixup pairs image i with B-1-i
             images, labels = images[:-1], labels[:-1]
         inputs, targets = run.augment(images, labels, generator)
-        loss, nonfinite = train_step(run, inputs, targets)
+        loss, nonfinite = train_step(run.model, run.optimizer, inputs, targets, config["meta"]["use_bfloat16"], opt["grad_accum_steps"],
+                                     opt["clip_grad"])
         where = f"epoch {epoch + 1}, step {itr} (global step {counts.step})"
         counts.step, counts.taken, counts.images = counts.step + 1, counts.taken + 1, counts.images + len(images)
         now = time.perf_counter()
