@@ -110,7 +110,7 @@ def test_the_data_layer_imports_nothing_above_it():
 # (helper, distributed, profiling, flops, errors, utils) are shared utilities of every layer.
 LAYERS = (
     ("fastjepa.cli", "fastjepa.__main__", "fastjepa.train", "fastjepa.run", "fastjepa.config", "fastjepa.submit", "fastjepa.plan",
-     "fastjepa.info", "fastjepa.eval", "fastjepa.plot", "fastjepa.weights"),
+     "fastjepa.info", "fastjepa.eval", "fastjepa.finetune", "fastjepa.plot", "fastjepa.weights"),
     ("fastjepa.step",),
     ("fastjepa.data", "fastjepa.masks", "fastjepa.transforms", "fastjepa.datasets"),
     ("fastjepa.models",),
@@ -133,3 +133,15 @@ def test_no_module_imports_from_a_layer_above_its_own():
                 upward.append(f"{name} -> {target}")
     assert not upward, upward
     assert layer_of("fastjepa.data.pil") == 2 and layer_of("fastjepa.helper") is None
+
+
+def test_the_trainer_imports_neither_the_probes_nor_fine_tuning():
+    """eval/ and finetune/ stand beside the trainer: only the command line, plot (which draws an
+    eval run's results) and finetune (which reads data through eval's splits) reach them."""
+    for name, targets in import_graph().items():
+        if name.startswith(("fastjepa.eval", "fastjepa.finetune")) or name in ("fastjepa.cli", "fastjepa.plot"):
+            continue
+        wrong = sorted(t for t in targets if t.startswith(("fastjepa.eval", "fastjepa.finetune")))
+        assert not wrong, f"{name} imports {wrong}"
+    assert not any(t.startswith("fastjepa.finetune") for name, targets in import_graph().items() if name.startswith("fastjepa.eval")
+                   for t in targets)
