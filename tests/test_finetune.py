@@ -234,3 +234,22 @@ def test_plot_draws_a_finetuning_run(encoder_file, tmp_path):
     assert list(log["global_step"]) == [1, 2, 3, 3] and np.isnan(log["loss"][-1]) and np.isfinite(log["val top-1"][-1])
     assert cli(["plot", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_digits_from_a_two_step_pretraining_reach_90_percent_in_five_minutes(tmp_path):
+    """The issue's goal on this machine: fastjepa train --max-steps 2, then fastjepa finetune with
+    its default preset (benchmarks/finetune_digits.py, which records the same run)."""
+    from conftest import load_benchmark
+
+    row = load_benchmark("finetune_digits").main(["--out", str(tmp_path), "--results", str(tmp_path / "rows.jsonl")])
+    assert row["best_val_top1"] >= 90.0 and row["finetune_seconds"] < 300, row
+
+
+def test_the_digits_benchmark_runs_and_writes_its_row(tmp_path):
+    from conftest import load_benchmark
+
+    row = load_benchmark("finetune_digits").main(["--out", str(tmp_path), "--finetune-args", "--max-steps 2 --per-class 3 --set data.batch_size=8",
+                                                  "--results", str(tmp_path / "rows.jsonl")])
+    assert row["bench"] == "finetune_digits" and row["finetune_seconds"] > 0 and not row["goal_met"]
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1
