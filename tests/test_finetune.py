@@ -17,7 +17,7 @@ from fastjepa.config import ConfigError
 from fastjepa.finetune import fit, loop
 from fastjepa.finetune.model import Classifier
 from fastjepa.finetune.recipe import SCHEMA, layer_id, lr_at, param_groups, validate
-from fastjepa.helper import CheckpointError, read_checkpoint
+from fastjepa.helper import read_checkpoint
 from fastjepa.models import vision_transformer as vit
 from fastjepa.weights import export_weights
 

@@ -163,7 +163,8 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
         state = checkpoint["fastjepa_finetune"]
         run.start_epoch, run.start_itr, run.best = int(state["epoch"]), int(state["itr"]), state["best"]
         say(f"resumed from {checkpoint_path} at epoch {run.start_epoch}, step {run.start_itr} of {loader.steps_per_epoch}")
-    say(f"fastjepa finetune: {shape.model_name}/{shape.patch_size} (pretrained at {shape.crop_size} px) at {crop} px from {weights}, {len(classes)} classes; {len(splits.train)} training images "
+    say(f"fastjepa finetune: {shape.model_name}/{shape.patch_size} (pretrained at {shape.crop_size} px) at {crop} px from {weights}, "
+        f"{len(classes)} classes; {len(splits.train)} training images "
         f"({len(splits.heldout)} held out to choose the best epoch), {len(splits.val)} val; peak lr {run.peak_lr:.3g} "
         f"(global batch {global_batch}); output folder {folder}")
     return run
@@ -301,7 +302,7 @@ def main(config: dict, weights=None, data: str = "digits", *, per_class: int | N
 
 
 def _loop(run: Run, max_steps, checkpoint_every, progress) -> FinetuneResult:
-    config, device = run.config, run.device
+    config = run.config
     epochs, ipe = config["optimization"]["epochs"], run.loader.steps_per_epoch
     is_main = rank() == 0
     if is_main:

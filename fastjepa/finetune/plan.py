@@ -41,7 +41,8 @@ def describe(config: dict, weights, data: str, device=None, seed: int = 0, per_c
     activation_gb = micro_batch * per_image * value_bytes / 1e9
     lines = [
         "fastjepa finetune --dry-run: the config is valid",
-        f"  model          {shape.model_name}/{shape.patch_size} at {crop} px (pretrained at {shape.crop_size}) from {weights}: {params_m:.1f} M trained parameters, "
+        f"  model          {shape.model_name}/{shape.patch_size} at {crop} px (pretrained at {shape.crop_size}) from {weights}: "
+        f"{params_m:.1f} M trained parameters, "
         f"head {encoder.embed_dim} -> {len(splits.classes)} classes" + (" (BatchNorm first)" if config["model"]["head_norm"] else "")
         + f", drop path {config['model']['drop_path']:g}",
         f"  data           {data}: {len(splits.train)} training images, {len(splits.heldout)} held out (choose the best epoch), "
