@@ -253,3 +253,20 @@ def test_the_digits_benchmark_runs_and_writes_its_row(tmp_path):
                                                   "--results", str(tmp_path / "rows.jsonl")])
     assert row["bench"] == "finetune_digits" and row["finetune_seconds"] > 0 and not row["goal_met"]
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1
+
+
+def test_gradient_accumulation_equals_the_whole_batch(encoder_file, tmp_path):
+    """optimization.grad_accum_steps 2: the same update as the whole batch (fp32 on the CPU, only the
+    order of the gradient sums differs); drop path off, as it draws per micro-batch."""
+    same = {"model.drop_path": 0.0}
+    run(encoder_file, tmp_path / "whole", overrides=same, max_steps=2)
+    run(encoder_file, tmp_path / "accumulated", overrides={**same, "optimization.grad_accum_steps": 2}, max_steps=2)
+    a, b = (read_checkpoint(tmp_path / name / loop.LATEST) for name in ("whole", "accumulated"))
+    assert a["fastjepa_finetune"]["itr"] == b["fastjepa_finetune"]["itr"] == 2
+    for key in ("encoder", "head"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-5, atol=1e-5, msg=f"{key}.{name}")
+    from safetensors.torch import load_file
+
+    start = load_file(encoder_file)
+    assert not torch.equal(a["encoder"]["blocks.0.mlp.fc1.weight"], start["blocks.0.mlp.fc1.weight"])  # the steps did update

@@ -119,7 +119,7 @@ def make_augment(config: dict, num_classes: int) -> FinetuneAugment:
 
 
 def set_up(config: dict, weights, data: str, device: torch.device, out, seed: int, resume, subset_options: dict) -> Run:
-    folder = run_folder({"logging": {"folder": None}}, out, None)
+    folder = run_folder({"logging": {"folder": None}}, out, resume)  # out, else a resumed checkpoint's folder, else a new one
     checkpoint_path = resolve_resume(resume, folder)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:
