@@ -253,7 +253,7 @@ class Step:
     def reference_step(self, phase: PhaseHook, imgs, masks_enc, masks_pred) -> torch.Tensor:
         """The reference's step as it runs there (or, with ``self.source``, its own models and helpers)."""
         self.lr_schedule.step(), self.wd_schedule.step()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():  # meta has no autocast
             with phase("target forward"), torch.no_grad():
                 if self.source:
                     h = F.layer_norm(self.target(imgs), (self.target.embed_dim,))

@@ -226,7 +226,8 @@ class FusedUpdate:
                        betas=self.betas, eps=self.eps, targets=[local(targets[i]) for i in trained] if targets else (),
                        momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else (), skip=skip)
             if len(states) > 1:
-                torch._foreach_add_([s["step"] for s in states[1:]], 1.0 if skip is None else skip.logical_not().float())
+                steps = [s["step"] for s in states[1:]]
+                torch._foreach_add_(steps, 1.0 if skip is None else [skip.logical_not().float()] * len(steps))
         call = self.calls
         return lambda: self.forget(fresh, call)
 
@@ -410,7 +411,8 @@ def train_step(
     loss = None
     for i, (micro_imgs, micro_enc, micro_pred) in enumerate(micro_batches):
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
-            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+            # no autocast context at all without bf16 (the meta device, bench_host's stand-in for a GPU, has none)
+            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16) if use_bfloat16 else _UNTIMED:
                 micro_loss = jepa_loss(model, target_forward, micro_imgs, micro_enc, micro_pred, phase)
             if len(micro_batches) > 1:  # its share of the batch mean (one micro-batch: the loss itself, no extra kernels)
                 micro_loss = micro_loss * (len(micro_imgs) / len(imgs))
