@@ -16,8 +16,9 @@ batch. The published ViT-H/14 mask settings, predictor depth 12 and width 384. M
                    loop, masks copied from pageable memory, and the reference's host syncs
                    (``float(loss)`` and ``torch.cuda.synchronize()`` every step);
   fastjepa         the trainer's own step, ``fastjepa.step.train_step``, with every fast path
-                   (fused gather, fused EMA with the bf16 target shadow, SDPA) and its one host
-                   sync per step (the NaN/inf guard, which also reads the loss);
+                   (fused gather, fused EMA with the bf16 target shadow, SDPA) and no host sync:
+                   its NaN/inf guard acts on the device, and the loss and the guard's flag are
+                   read one step late, as the trainer reads them;
   ragged           fastjepa with ``mask.ragged`` (every sampled context token, varlen attention);
   shared-context   fastjepa with ``meta.shared_context_predictor``;
   reference-src    with ``--reference-src DIR``: the real reference models, ``apply_masks`` and
@@ -70,7 +71,7 @@ from fastjepa.masks.multiblock import MultiBlockMaskSampler  # noqa: E402
 from fastjepa.models.shadow import Bf16Shadow  # noqa: E402
 from fastjepa.models.vision_transformer import compile_blocks  # noqa: E402
 from fastjepa.profiling import nvtx_range  # noqa: E402
-from fastjepa.step import ContextPredictor, FusedUpdate, PhaseHook, train_step, untimed  # noqa: E402
+from fastjepa.step import ContextPredictor, FusedUpdate, NonfiniteGuard, PhaseHook, train_step, untimed  # noqa: E402
 from fastjepa.utils.masking import PackedMasks  # noqa: E402
 from fastjepa.utils.tensors import repeat_interleave_batch  # noqa: E402
 
@@ -197,8 +198,7 @@ class Step:
             self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
         self.bf16 = device.type == "cuda"
         self.shadow = Bf16Shadow(self.target, self.encoder) if self.bf16 and not self.reference else None
-        fused = fused_optimizer_ema and not self.reference
-        self.fused_update = FusedUpdate(self.optimizer, self.encoder, self.target, self.shadow) if fused else None
+        self.fused = fused_optimizer_ema and not self.reference
         self.targets, self.onlines = list(self.target.parameters()), list(self.encoder.parameters())
         self.sampler = MultiBlockMaskSampler(input_size=crop, patch_size=patch, **{**MASKS, "min_keep": min_keep})
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -208,8 +208,11 @@ class Step:
             for module in (self.encoder, self.predictor, self.shadow.module if self.shadow else self.target):
                 compile_blocks(module, compile_mode)
         self.model = ContextPredictor(self.encoder, self.predictor, shared_context=mode == "shared-context")
+        # what the trainer builds once per run
+        self.update = FusedUpdate(self.optimizer, self.encoder, self.target, self.shadow, fuse_ema=self.fused) if not self.reference else None
+        self.guard = NonfiniteGuard(self.model, halt=True) if not self.reference else None
         self.momentum = itertools.repeat(0.996)
-        self.step_index, self.context_tokens = 0, []
+        self.step_index, self.context_tokens, self.queued = 0, [], None
 
     def run(self, phase: PhaseHook) -> torch.Tensor:
         """One step: fastjepa's modes run ``fastjepa.step.train_step``, the trainer's step, with
@@ -224,12 +227,20 @@ class Step:
         else:
             result = train_step(self.model, self.target, self.optimizer, self.lr_schedule, self.wd_schedule, self.momentum,
                                 imgs, masks_enc, masks_pred, use_bfloat16=self.bf16, target_shadow=self.shadow, phase=phase,
-                                accum_steps=self.accum_steps, fused_optimizer_ema=self.fused_update)
-            if result.nonfinite:
-                raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {self.step_index}")
+                                accum_steps=self.accum_steps, fused_optimizer_ema=self.update, guard=self.guard)
+            self.check_queued()
+            self.queued = (self.step_index, result)
             loss = result.loss
         self.step_index += 1
         return loss
+
+    def check_queued(self) -> None:
+        """The previous step's guard, read one step late as the trainer reads it."""
+        if self.queued is not None:
+            index, result = self.queued
+            self.queued = None
+            if result.nonfinite:
+                raise FloatingPointError(f"{self.mode}: {result.nonfinite} at step {index}")
 
     def batch_and_masks(self, phase: PhaseHook):
         if self.data is not None:  # images and masks (drawn one step ahead) from the loader
@@ -246,7 +257,7 @@ class Step:
     def reference_step(self, phase: PhaseHook, imgs, masks_enc, masks_pred) -> torch.Tensor:
         """The reference's step as it runs there (or, with ``self.source``, its own models and helpers)."""
         self.lr_schedule.step(), self.wd_schedule.step()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():  # meta has no autocast
             with phase("target forward"), torch.no_grad():
                 if self.source:
                     h = F.layer_norm(self.target(imgs), (self.target.embed_dim,))
@@ -352,11 +363,13 @@ def bench(name, spec, mode, device, args) -> dict:
         loss = step.run(off)
     loss = float(loss)
     _sync(device)
+    step.check_queued()
     step_ms = round((time.perf_counter() - started) * 1e3 / args.steps, 3)  # the row's img/s is computed from the row's step time
     phases = []
     for _ in range(max(1, args.steps // 2)):
         step.run(on)
         phases.append(on.collect())
+    step.check_queued()
     phase_ms = {p: round(statistics.median(x.get(p, 0.0) for x in phases), 3) for p in PHASES}
     k_context = statistics.mean(step.context_tokens)
     flops = step_flops_per_image(model, crop, patch, pred_depth, pred_emb_dim, k_context=k_context,
@@ -365,7 +378,7 @@ def bench(name, spec, mode, device, args) -> dict:
     row = {
         "bench": "bench_step", "model": name, "mode": mode, "batch": batch, "compile": args.compile or args.cuda_graphs,
         "cuda_graphs": args.cuda_graphs, "quick": args.quick, "grad_accum_steps": step.accum_steps,
-        "activation_checkpointing": step.encoder.grad_checkpointing, "fused_optimizer_ema": step.fused_update is not None,
+        "activation_checkpointing": step.encoder.grad_checkpointing, "fused_optimizer_ema": step.fused,
         "step_ms": step_ms, "images_per_s": round(images_per_s, 2), "phase_ms": phase_ms,
         "loss": round(loss, 5), "mean_context_tokens": round(k_context, 1), "flops_per_image": flops,
         "achieved_tflop_s": round(flops * images_per_s / 1e12, 3),

@@ -15,6 +15,7 @@ struct Hyper {
   const float* weight_decay;  // per group
   const float* step;
   const float* momentum;
+  const bool* skip;  // nullptr: never; else *skip true leaves every tensor as it was
   double beta1, beta2, eps;
 };
 
@@ -26,6 +27,7 @@ __device__ __forceinline__ float lerp(float self, float end, float weight) {
 // HAS_TARGET = false: AdamW only. Shadow = void: no shadow.
 template <bool HAS_TARGET, typename Shadow>
 __global__ void adamw_ema_kernel(const __grid_constant__ TensorList<kDepth> list, const Hyper h) {
+  if (h.skip != nullptr && *h.skip) return;
   const BlockChunk c = block_chunk(list);
   const float* __restrict__ grad = static_cast<const float*>(list.ptr[kGrad][c.tensor]);
   float* __restrict__ param = static_cast<float*>(list.ptr[kParam][c.tensor]);
@@ -80,7 +82,7 @@ cudaError_t launch_adamw_ema(const AdamWEmaArgs& args, cudaStream_t stream) {
   for (size_t i = 0; i < ptrs.size(); ++i)
     ptrs[i] = {const_cast<float*>(args.grads[i]), args.params[i], args.exp_avgs[i], args.exp_avg_sqs[i],
                has_target ? args.targets[i] : nullptr, has_shadow ? args.shadows[i] : nullptr};
-  const Hyper hyper{args.lr, args.weight_decay, args.step, args.momentum, args.beta1, args.beta2, args.eps};
+  const Hyper hyper{args.lr, args.weight_decay, args.step, args.momentum, args.skip, args.beta1, args.beta2, args.eps};
 
   auto run = [&](auto kernel) {
     return launch_tensor_lists<kDepth>(ptrs, args.numels, args.groups, [&](const TensorList<kDepth>& list) {

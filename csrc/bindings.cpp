@@ -124,7 +124,7 @@ void adamw_ema(const Addresses& params, const Addresses& grads, const Addresses&
                const Addresses& targets, const Addresses& shadows, const std::vector<int64_t>& numels,
                const std::vector<int32_t>& groups, uintptr_t lr, uintptr_t weight_decay, int num_groups, uintptr_t step,
                uintptr_t momentum, double beta1, double beta2, double eps, const std::optional<std::string>& shadow_dtype,
-               uintptr_t stream) {
+               uintptr_t skip, uintptr_t stream) {
   const char* fn = "fastjepa._C.adamw_ema";
   fastjepa::AdamWEmaArgs args;
   if (shadow_dtype) args.shadow_dtype = parse_dtype(fn, "shadow_dtype", *shadow_dtype);
@@ -149,6 +149,7 @@ void adamw_ema(const Addresses& params, const Addresses& grads, const Addresses&
   check_address(fn, "weight_decay", weight_decay, 4, true);
   check_address(fn, "step", step, 4, true);
   check_address(fn, "momentum", momentum, 4, !targets.empty());
+  check_address(fn, "skip", skip, 1, false);
   if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
     throw py::value_error(str(fn, ": betas must lie in [0, 1), got (", beta1, ", ", beta2, ")"));
   if (!(eps >= 0.0)) throw py::value_error(str(fn, ": eps must be non-negative, got ", eps));
@@ -164,6 +165,7 @@ void adamw_ema(const Addresses& params, const Addresses& grads, const Addresses&
   args.weight_decay = reinterpret_cast<const float*>(weight_decay);
   args.step = reinterpret_cast<const float*>(step);
   args.momentum = reinterpret_cast<const float*>(momentum);
+  args.skip = reinterpret_cast<const bool*>(skip);
   args.beta1 = beta1, args.beta2 = beta2, args.eps = eps;
   check_launch(fn, "adamw_ema_kernel", fastjepa::launch_adamw_ema(args, as_stream(stream)));
 }
@@ -247,7 +249,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("targets"), py::arg("shadows"),
         py::arg("numels"), py::arg("groups"), py::kw_only(), py::arg("lr"), py::arg("weight_decay"), py::arg("num_groups"),
         py::arg("step"), py::arg("momentum"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("shadow_dtype"),
-        py::arg("stream"));
+        py::arg("skip"), py::arg("stream"));
   m.def("gather_forward", &gather_forward, "out[t] = src[row of t] + pos[idx[t]] into a contiguous (tokens, dim) out.",
         py::arg("out"), py::arg("src"), py::arg("pos"), py::arg("idx"), py::arg("token_row"), py::kw_only(), py::arg("out_dtype"),
         py::arg("src_dtype"), py::arg("pos_dtype"), py::arg("idx_dtype"), py::arg("mode"), py::arg("tokens"),

@@ -49,6 +49,7 @@ struct AdamWEmaArgs {
   const float* weight_decay = nullptr;
   const float* step = nullptr;
   const float* momentum = nullptr;  // needed with targets
+  const bool* skip = nullptr;  // nullptr: never skip; else a device flag, true: the step leaves every tensor as it was
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // Python floats, as torch.optim.AdamW takes them
 };
 cudaError_t launch_adamw_ema(const AdamWEmaArgs& args, cudaStream_t stream);

@@ -13,6 +13,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 DEFAULT_TORCH_PROFILER_STEPS = (2, 5)
 
@@ -101,3 +102,29 @@ class StepProfiler:
         for name, bounds in (("--profile-steps", self.cuda_range), ("--torch-profiler", self.torch_range)):
             if bounds is not None and last_step < bounds[0]:
                 print(f"{name}: the run ended at step {last_step}, before step {bounds[0]}: nothing was profiled")
+
+
+HOST_READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts, while active, the calls that bring a tensor's values to the host (``HOST_READS``):
+    on a GPU each is a sync. ``device_type``: count only reads of tensors there (None: every
+    read). A read of a meta tensor (a stand-in for a device's, in ``benchmarks/bench_host.py``)
+    has no values to return: it is counted and answers zeros of the right shape."""
+
+    def __init__(self, device_type: str | None = None):
+        super().__init__()
+        self.device_type, self.seen = device_type, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_READS:
+            tensor = args[0]
+            if self.device_type is None or tensor.device.type == self.device_type:
+                self.seen.append(func.__name__)
+            if tensor.is_meta:
+                with torch.device("cpu"):
+                    return func(torch.zeros(tensor.shape, dtype=tensor.dtype), *args[1:], **kwargs)
+        return func(*args, **kwargs)

@@ -11,7 +11,7 @@ the hook costs nothing."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -33,14 +33,56 @@ def untimed(name: str) -> ContextManager:
     return _UNTIMED
 
 
-@dataclass
+class HostCopy:
+    """A device tensor's values on their way to the host without a sync: on CUDA a non-blocking
+    copy into pinned memory (a fresh block from the caching host allocator, so no later copy
+    overwrites it) and an event after it; ``read()`` waits for that event only. On the CPU the
+    tensor already is on the host."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.device.type == "cuda":
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = values, None
+
+    def read(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
 class StepResult:
-    loss: torch.Tensor  # 0-d, detached, still on the device: reading it is the caller's sync
-    lr: float
-    wd: float
-    momentum: float
-    loss_value: float | None = None  # the loss on the host, read in the finite check's sync (None without the check)
-    nonfinite: str | None = None  # what was not finite when the step was left out (no update, no EMA)
+    """What ``train_step`` queued. ``loss`` is 0-d, detached, still on the device. The step
+    itself never waits for the device: ``loss_value`` (the loss on the host, None without
+    the finite check) and ``nonfinite`` (what was not finite when the step was left out, else
+    None) wait for the step's copy to the host when first read, so a caller that reads them
+    after queueing the next step (the trainer) waits for nothing."""
+
+    def __init__(self, loss: torch.Tensor, lr: float, wd: float, momentum: float, check: "FiniteCheck | None" = None,
+                 on_skip: Callable[[], None] | None = None):
+        self.loss, self.lr, self.wd, self.momentum = loss, lr, wd, momentum
+        self._check, self._on_skip, self._read = check, on_skip, None
+
+    def _values(self) -> tuple[float | None, str | None]:
+        if self._read is None:
+            if self._check is None:
+                self._read = (None, None)
+            else:
+                self._read = self._check.read()
+                if self._read[1] is not None and self._on_skip is not None:
+                    self._on_skip()
+        return self._read
+
+    @property
+    def loss_value(self) -> float | None:
+        return self._values()[0]
+
+    @property
+    def nonfinite(self) -> str | None:
+        return self._values()[1]
 
 
 class ContextPredictor(nn.Module):
@@ -88,16 +130,6 @@ def split_batch(imgs: torch.Tensor, masks_enc, masks_pred, parts: int) -> list[t
             for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-@torch.no_grad()
-def update_target(target_encoder, encoder, momentum: float, target_shadow: Bf16Shadow | None = None) -> None:
-    """The EMA of the encoder into the target encoder (and its bf16 shadow, when there is
-    one). Under FSDP2 each rank updates its own shards."""
-    if target_shadow is not None:
-        target_shadow.update_(momentum)
-    else:
-        ema_update_([local(p) for p in target_encoder.parameters()], [local(p) for p in encoder.parameters()], momentum)
-
-
 def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | PackedMasks], masks_pred: Sequence[torch.Tensor],
               phase: PhaseHook = untimed) -> torch.Tensor:
     """Smooth-L1 (beta 1, mean) between the predictor's output (``model``: a
@@ -117,54 +149,103 @@ def jepa_loss(model, target_encoder, imgs, masks_enc: Sequence[torch.Tensor | Pa
 
 
 class FusedUpdate:
-    """``optimizer.step()`` then ``update_target(...)`` as ``adamw_ema_`` passes
-    (``optimization.fused_optimizer_ema``): the encoder's parameters with their targets (and
-    bf16 shadows), the predictor's without; a parameter without a gradient only follows the
-    EMA. The state stays AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, made as
-    AdamW makes them), with every group's current lr and weight decay; under FSDP2, the
-    local shards. AdamW's per-parameter steps are equal here (every trained parameter has a
-    gradient at every step), so each pass counts with its first parameter's and the others follow.
+    """``optimizer.step()`` then the EMA of the encoder into the target (and its bf16 shadow), as
+    ``adamw_ema_`` passes; with ``fuse_ema`` (``optimization.fused_optimizer_ema``) the EMA is in
+    the same pass: the encoder's parameters with their targets (and bf16 shadows), the
+    predictor's without; a parameter without a gradient only follows the EMA. Without, one
+    AdamW pass over every parameter, then ``ema_update_`` (or the shadow's). On the CPU both
+    equal ``torch.optim.AdamW`` then ``ema_update_`` bit for bit. The state stays AdamW's
+    (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, made as AdamW makes them), with every
+    group's current lr and weight decay; under FSDP2, the local shards. AdamW's per-parameter
+    steps are equal here (every trained parameter has a gradient at every step), so each pass
+    counts with its first parameter's and the others follow.
+
+    ``skip`` (a 0-d bool on the device, from the step's finite check) leaves every weight,
+    moment, step count, target and shadow as it was, without the host reading it:
+    ``adamw_ema_``'s own skip, and a momentum of 1 for the EMA outside it (exact, but for a
+    target that is exactly -0.0 becoming +0.0).
 
     What a run keeps fixed (which parameter goes through which pass, with which target, shadow
     and group) is worked out once, here: walking the modules' parameters costs milliseconds of
     host time for a ViT-H, at the point of the step where the GPU waits for the host."""
 
-    def __init__(self, optimizer: torch.optim.AdamW, encoder: nn.Module, target_encoder, target_shadow: Bf16Shadow | None = None):
+    def __init__(self, optimizer: torch.optim.AdamW, encoder: nn.Module, target_encoder, target_shadow: Bf16Shadow | None = None,
+                 fuse_ema: bool = True):
         groups = optimizer.param_groups
         if any(g["amsgrad"] or g["maximize"] or g["betas"] != groups[0]["betas"] or g["eps"] != groups[0]["eps"] for g in groups):
             raise ValueError("fused_optimizer_ema: needs AdamW without amsgrad or maximize, with one betas and eps for every group")
         self.optimizer, self.betas, self.eps = optimizer, groups[0]["betas"], groups[0]["eps"]
         group_of = {p: i for i, group in enumerate(groups) for p in group["params"]}
         self.device = local(next(iter(group_of))).device
+        self.ema: list[tuple[list, list, list]] = []  # the EMA's (targets, onlines, shadows) lists after the AdamW pass
         if target_shadow is not None:
             (targets, onlines, shadows), (shared_targets, shared_onlines) = target_shadow.shadowed, target_shadow.shared
-            passes = [(onlines, targets, shadows), (shared_onlines, shared_targets, [])]
+            ema = [(onlines, targets, shadows), (shared_onlines, shared_targets, [])]
         else:
-            passes = [(list(encoder.parameters()), list(target_encoder.parameters()), [])]
-        in_encoder = set(encoder.parameters())
-        passes.append(([p for p in group_of if p not in in_encoder], [], []))
+            ema = [(list(encoder.parameters()), list(target_encoder.parameters()), [])]
+        if fuse_ema:
+            in_encoder = set(encoder.parameters())
+            passes = [*ema, ([p for p in group_of if p not in in_encoder], [], [])]
+        else:
+            passes = [(list(group_of), [], [])]
+            self.ema = [([local(t) for t in targets], [local(p) for p in onlines], shadows) for onlines, targets, shadows in ema]
         self.passes = [(params, targets, shadows, [group_of.get(p) for p in params]) for params, targets, shadows in passes]
+        self.target_dtype = next(iter(target_encoder.parameters())).dtype
+        self.calls = 0
+
+    def _ema_momentum(self, momentum: float, skip: torch.Tensor | None) -> float | torch.Tensor:
+        """The EMA's momentum outside ``adamw_ema_``: 1 on a skipped step (as ``ema_update_``
+        makes a float's: fp64 for fp64 targets)."""
+        if skip is None:
+            return momentum
+        dtype = torch.float64 if self.target_dtype == torch.float64 else torch.float32
+        return torch.full((), momentum, dtype=dtype, device=self.device).masked_fill_(skip, 1.0)
 
     @torch.no_grad()
-    def __call__(self, momentum: float) -> None:
+    def __call__(self, momentum: float, skip: torch.Tensor | None = None) -> Callable[[], None]:
+        """AdamW (and the fused EMA); returns what undoes the AdamW states this call made, for
+        when the host learns that the step was skipped (see ``forget``)."""
+        self.calls += 1
         groups = self.optimizer.param_groups
-        hyper = torch.tensor([[g["lr"] for g in groups], [g["weight_decay"] for g in groups]], dtype=torch.float64)
+        hyper = torch.tensor([[g["lr"] for g in groups], [g["weight_decay"] for g in groups]], dtype=torch.float64,
+                             pin_memory=self.device.type == "cuda")
         lr, wd = hyper.to(self.device, non_blocking=True)  # one copy; the torch backend computes in fp64, as AdamW
+        ema_momentum, fresh = self._ema_momentum(momentum, skip), []
         for params, targets, shadows, group in self.passes:
             trained = [i for i, p in enumerate(params) if p.grad is not None]
             followed = [i for i, p in enumerate(params) if p.grad is None] if targets else []
             if followed:
-                ema_update_([local(targets[i]) for i in followed], [local(params[i]) for i in followed], momentum,
+                ema_update_([local(targets[i]) for i in followed], [local(params[i]) for i in followed], ema_momentum,
                             [shadows[i] for i in followed] if shadows else ())
             if not trained:
                 continue
+            fresh += [params[i] for i in trained if not self.optimizer.state.get(params[i])]
             states = [_adamw_state(self.optimizer, params[i]) for i in trained]
             adamw_ema_([local(params[i]) for i in trained], [local(params[i].grad) for i in trained], [local(s["exp_avg"]) for s in states],
                        [local(s["exp_avg_sq"]) for s in states], states[0]["step"], lr, wd, [group[i] for i in trained],
                        betas=self.betas, eps=self.eps, targets=[local(targets[i]) for i in trained] if targets else (),
-                       momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else ())
+                       momentum=momentum if targets else None, shadows=[shadows[i] for i in trained] if shadows else (), skip=skip)
             if len(states) > 1:
-                torch._foreach_add_([s["step"] for s in states[1:]], 1.0)
+                steps = [s["step"] for s in states[1:]]
+                torch._foreach_add_(steps, 1.0 if skip is None else [skip.logical_not().float()] * len(steps))
+        call = self.calls
+        return lambda: self.forget(fresh, call)
+
+    def forget(self, fresh: list[torch.Tensor], call: int) -> None:
+        """Drops the AdamW states of ``fresh`` that call number ``call`` made, when it was
+        skipped and no later call has used them: zero moments and step 0 are no state at all,
+        as ``torch.optim.AdamW`` leaves none after a step it never took."""
+        if call == self.calls:
+            for param in fresh:
+                del self.optimizer.state[param]
+
+    @torch.no_grad()
+    def update_target(self, momentum: float, skip: torch.Tensor | None = None) -> None:
+        """The EMA after the AdamW pass (``fuse_ema`` false; nothing otherwise)."""
+        if self.ema:
+            ema_momentum = self._ema_momentum(momentum, skip)
+            for targets, onlines, shadows in self.ema:
+                ema_update_(targets, onlines, ema_momentum, shadows)
 
 
 def _adamw_state(optimizer: torch.optim.AdamW, param: torch.Tensor) -> dict:
@@ -224,24 +305,60 @@ def diagnose(model, target_encoder, imgs, masks_enc, masks_pred, use_bfloat16: b
             "pred_rank": effective_rank(torch.cat(pooled_predictions)), "pred_cosine": torch.cat(cosines).mean()}
 
 
-def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool on the device, true when the loss or any gradient holds NaN or inf on any
-    rank. The 1-norms carry every NaN and inf through their sums on every device (an
-    infinity norm's max need not) and stay finite for any sane gradient."""
-    grads = [g for g in grads if g.numel()]  # an FSDP2 shard can be empty
-    bad = ~torch.isfinite(loss)
+def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flag, per_tensor): a 0-d bool on the device, true when the loss or any gradient holds
+    NaN or inf on any rank, and this rank's (len(grads),) bools, one per gradient. The 1-norms
+    carry every NaN and inf through their sums on every device (an infinity norm's max need
+    not) and stay finite for any sane gradient. ``grads`` must not hold empty tensors."""
     if grads:
-        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()
-    return any_rank_tensor(bad)
+        per_tensor = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 1)))
+    else:
+        per_tensor = torch.zeros(0, dtype=torch.bool, device=loss.device)
+    return any_rank_tensor(~torch.isfinite(loss) | per_tensor.any()), per_tensor
 
 
-def describe_nonfinite(loss: torch.Tensor, model) -> str:
-    """What went non-finite, in words (the slow path, after ``nonfinite_flag``)."""
-    parts = [] if torch.isfinite(loss) else [f"loss is {loss.item()}"]
-    bad = [name for name, p in unwrap(model).named_parameters() if p.grad is not None and not torch.isfinite(local(p.grad)).all()]
-    if bad:
-        parts.append(f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-    return "; ".join(parts) or "non-finite loss or gradients on another rank"
+class NonfiniteGuard:
+    """The step's non-finite guard, built once per run: the model's trained parameters with
+    their names (a FSDP2 rank's empty shards left out), whose gradients ``check`` looks at. With
+    ``halt`` (``meta.skip_nonfinite: false``) a skipped step also skips every later one, through
+    a flag kept on the device: the host learns of a bad step one step late, after it queued the
+    next, and must find nothing updated from the bad step on when it stops the run."""
+
+    def __init__(self, model, halt: bool = False):
+        self.params = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad and local(p).numel()]
+        self.halt, self.halted = halt, None
+
+    def check(self, loss: torch.Tensor) -> "FiniteCheck":
+        present = [(name, p.grad) for name, p in self.params if p.grad is not None]
+        bad, per_tensor = nonfinite_flag(loss, [local(g) for _, g in present])
+        skip = bad
+        if self.halt:
+            skip = bad if self.halted is None else bad | self.halted
+            self.halted = skip
+        return FiniteCheck(loss, bad, skip, per_tensor, [name for name, _ in present])
+
+
+class FiniteCheck:
+    """One step's finite check: ``skip`` (0-d bool on the device) says to leave the update out.
+    The flags and the loss start their way to the host at once (``HostCopy``); the
+    per-gradient flags stay on the device, read only when the step was bad, for the names."""
+
+    def __init__(self, loss: torch.Tensor, bad: torch.Tensor, skip: torch.Tensor, per_tensor: torch.Tensor, names: list[str]):
+        self.skip, self.per_tensor, self.names = skip, per_tensor, names
+        self.copy = HostCopy(torch.cat([torch.stack([bad, skip]).to(loss.dtype), loss.reshape(1)]))
+
+    def read(self) -> tuple[float, str | None]:
+        """(the loss, what was not finite or why the step was left out; None for a step taken)."""
+        bad, skip, loss = self.copy.read()
+        if not skip:
+            return loss, None
+        if not bad:
+            return loss, "left out after an earlier non-finite step"
+        parts = [] if math.isfinite(loss) else [f"loss is {loss}"]
+        names = [name for name, flag in zip(self.names, self.per_tensor.tolist()) if flag]
+        if names:
+            parts.append(f"non-finite gradients in {len(names)} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        return loss, "; ".join(parts) or "non-finite loss or gradients on another rank"
 
 
 def train_step(
@@ -260,6 +377,7 @@ def train_step(
     phase: PhaseHook = untimed,
     accum_steps: int = 1,
     fused_optimizer_ema: FusedUpdate | None = None,
+    guard: NonfiniteGuard | None = None,
 ) -> StepResult:
     """One I-JEPA iteration in the reference's order: schedules, forward under bf16
     autocast (when asked), loss, backward, optimizer step, zero_grad, EMA. ``model``: a
@@ -267,17 +385,25 @@ def train_step(
     only) the target forward runs on the shadow, and the EMA refreshes it: the same
     values, without autocast's per-forward weight casts. ``check_finite``: a loss or
     gradient with NaN or inf (on any rank) leaves the weights, the optimizer state and the
-    target as they were and says what in ``StepResult.nonfinite``. Its one host sync, before
-    the optimizer step, also reads the loss (``StepResult.loss_value``), so that nothing
-    waits for the optimizer and the EMA. ``phase``: the hook around every phase (see the
-    module docstring); the optimizer's includes the finite check. ``accum_steps``: the batch
+    target as they were, decided on the device, and ``StepResult.nonfinite`` says what
+    when read. Nothing in the step waits for the device: the loss and the flags reach the
+    host by a non-blocking copy, read from the result (``StepResult.loss_value``), best
+    after the next step is queued. ``phase``: the hook around every phase (see the module
+    docstring); the optimizer's includes the finite check. ``accum_steps``: the batch
     runs as that many micro-batches (``split_batch``), each loss scaled by its share of the
     batch, so the summed gradients and the loss are the whole batch's mean; gradients are
     reduced across ranks in the last micro-batch's backward only. Then one update.
-    ``fused_optimizer_ema``: a ``FusedUpdate`` of ``optimizer`` and these encoders, run instead
-    of the optimizer step and the EMA (in the "optimizer" phase), the same math."""
+    ``fused_optimizer_ema``: the run's ``FusedUpdate`` of ``optimizer`` and these encoders (with
+    ``fuse_ema``, AdamW and the EMA in one pass in the "optimizer" phase, the same math);
+    ``guard``: the run's ``NonfiniteGuard`` of ``model``. Both are built once per run; without
+    them the step builds its own (walking the modules: host time on every step)."""
     if target_shadow is not None and not use_bfloat16:
         raise ValueError("train_step: target_shadow holds bf16 weights and needs use_bfloat16=True")
+    update = fused_optimizer_ema
+    if update is None:
+        update = FusedUpdate(optimizer, unwrap(model).encoder, target_encoder, target_shadow, fuse_ema=False)
+    if guard is None and check_finite:
+        guard = NonfiniteGuard(model)
     lr = lr_scheduler.step()
     wd = wd_scheduler.step()
     target_forward = target_shadow.module if target_shadow is not None else target_encoder
@@ -285,7 +411,8 @@ def train_step(
     loss = None
     for i, (micro_imgs, micro_enc, micro_pred) in enumerate(micro_batches):
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
-            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16, enabled=use_bfloat16):
+            # no autocast context at all without bf16 (the meta device, bench_host's stand-in for a GPU, has none)
+            with torch.autocast(device_type=imgs.device.type, dtype=torch.bfloat16) if use_bfloat16 else _UNTIMED:
                 micro_loss = jepa_loss(model, target_forward, micro_imgs, micro_enc, micro_pred, phase)
             if len(micro_batches) > 1:  # its share of the batch mean (one micro-batch: the loss itself, no extra kernels)
                 micro_loss = micro_loss * (len(micro_imgs) / len(imgs))
@@ -293,21 +420,12 @@ def train_step(
                 micro_loss.backward()
         loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
     momentum = next(momentum_scheduler)
-    loss_value = None
     with phase("optimizer"):
-        if check_finite:
-            grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-            bad, loss_value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
-            if bad:
-                what = describe_nonfinite(loss, model)
-                optimizer.zero_grad(set_to_none=True)
-                return StepResult(loss, lr, wd, momentum, loss_value, what)
-        if fused_optimizer_ema is not None:
-            fused_optimizer_ema(momentum)
-        else:
-            optimizer.step()
+        check = guard.check(loss) if guard is not None else None
+        skip = check.skip if check is not None else None
+        forget_fresh_state = update(momentum, skip)
         optimizer.zero_grad(set_to_none=True)
-    if fused_optimizer_ema is None:
+    if update.ema:
         with phase("ema"):
-            update_target(target_encoder, unwrap(model).encoder, momentum, target_shadow)
-    return StepResult(loss, lr, wd, momentum, loss_value)
+            update.update_target(momentum, skip)
+    return StepResult(loss, lr, wd, momentum, check, forget_fresh_state)

@@ -35,7 +35,7 @@ from fastjepa.run import (
     run_folder,
     tensorboard,
 )
-from fastjepa.step import DIAGNOSTICS, ContextPredictor, FusedUpdate, diagnose, train_step
+from fastjepa.step import DIAGNOSTICS, ContextPredictor, FusedUpdate, HostCopy, NonfiniteGuard, StepResult, diagnose, train_step
 from fastjepa.utils.masking import PackedMasks
 from fastjepa.utils.schedulers import momentum_schedule
 from fastjepa.weights import EncoderShape, init_encoder
@@ -114,7 +114,8 @@ class Run:
     checkpoints: Checkpointer
     start_epoch: int
     start_itr: int
-    fused_update: FusedUpdate | None = None  # optimization.fused_optimizer_ema, when it is on for this device
+    update: FusedUpdate  # AdamW and the EMA, fused into one pass when optimization.fused_optimizer_ema is on for this device
+    guard: NonfiniteGuard
 
 
 @dataclass
@@ -179,7 +180,8 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     if checkpoint_path is not None:
         checkpoints.kept = (checkpoint_path, start_epoch, start_itr)
     return Run(config, device, folder, loader, model, target_encoder, target_shadow, optimizer, schedulers, checkpoints,
-               start_epoch, start_itr, FusedUpdate(optimizer, encoder, target_encoder, target_shadow) if fused else None)
+               start_epoch, start_itr, FusedUpdate(optimizer, encoder, target_encoder, target_shadow, fuse_ema=fused),
+               NonfiniteGuard(model, halt=not meta["skip_nonfinite"]))
 
 
 def fused_optimizer_ema(setting: bool | str, device: torch.device) -> tuple[bool, str]:
@@ -254,20 +256,49 @@ def _train(config, resume_preempt, device, out, max_steps, seed, resume, checkpo
     return result
 
 
+@dataclass
+class Queued:
+    """A step the host has queued but not read yet: what its log row needs."""
+
+    epoch: int
+    itr: int
+    step: int
+    result: StepResult
+    context_length: int
+    target_length: int
+    step_ms: float
+    throughput: float
+    diagnostics: HostCopy | None
+
+
 def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint_every, counts: Progress, log, board, bar, profiler,
               preemption) -> list[float] | None:
     """Steps first_itr .. of ``epoch``: its losses when it ran to its end, None when it stopped
-    early (max_steps, after its checkpoint, or a preemption notice, with its checkpoint)."""
+    early (max_steps, after its checkpoint, or a preemption notice, with its checkpoint).
+
+    The host reads each step's loss, non-finite flag and diagnostics one step late, once the
+    next step is queued (``read_step``), so it never waits for the device inside the loop; the
+    last queued step is read before a checkpoint, at the end of the epoch and when stopping.
+    A non-finite step stops the run when read (``meta.skip_nonfinite: false``); the step queued
+    after it was left out on the device (``NonfiniteGuard``'s halt)."""
     meta, ipe, device = run.config["meta"], run.loader.steps_per_epoch, run.device
     accum_steps = run.config["optimization"]["grad_accum_steps"]
     every = diagnostics_interval(run.config["logging"]["diagnostics_every"], ipe)
-    epoch_losses = []
+    epoch_losses, queued = [], None
     tick = time.perf_counter()
+
+    def read_queued():
+        nonlocal queued
+        if queued is not None:
+            read_step(queued, meta["skip_nonfinite"], counts, epoch_losses, log, board, bar)
+            queued = None
+
     # images normalised on the device; masks drawn one step ahead, seeded by (seed, step, rank)
     for itr, (images, masks_enc, masks_pred, bad) in enumerate(run.loader.epoch(epoch, first_itr, counts.step), start=first_itr):
         counts.skipped += bad
         empty, counts.preempted = any_rank(len(images) == 0, preemption.received is not None, device=device)
         if counts.preempted:  # the notice came during the previous step: keep it, stop before this one
+            read_queued()
             run.checkpoints.save(epoch, itr, mean(epoch_losses))
             counts.saved = run.checkpoints.latest
             return None
@@ -275,46 +306,62 @@ def run_epoch(run: Run, epoch: int, first_itr: int, total_steps: int, checkpoint
             continue
         with profiler.step(counts.step):
             result = train_step(run.model, run.target_encoder, run.optimizer, *run.schedulers, images, masks_enc, masks_pred,
-                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps, fused_optimizer_ema=run.fused_update)
+                                meta["use_bfloat16"], run.target_shadow, accum_steps=accum_steps, fused_optimizer_ema=run.update,
+                                guard=run.guard)
         now = time.perf_counter()
         step_ms, throughput = (now - tick) * 1e3, len(images) / (now - tick)
         tick = now
         diagnostics = None
-        if every and (counts.step + 1) % every == 0 and result.nonfinite is None:  # after this step's update; one sync
+        if every and (counts.step + 1) % every == 0:  # after this step's update; dropped when the step was left out
             measured = diagnose(run.model, run.target_encoder, images, masks_enc, masks_pred, meta["use_bfloat16"], accum_steps)
-            diagnostics = dict(zip(DIAGNOSTICS, torch.stack([measured[name] for name in DIAGNOSTICS]).tolist()))
-            counts.diagnostics = {"step": counts.step + 1, **diagnostics}
+            diagnostics = HostCopy(torch.stack([measured[name] for name in DIAGNOSTICS]))
             tick = time.perf_counter()  # outside the step's time and the next one's
-        if result.nonfinite is not None:
-            where = f"epoch {epoch + 1}, step {itr} (global step {counts.step})"
-            if not meta["skip_nonfinite"]:
-                raise FloatingPointError(f"{result.nonfinite} at {where}; stopping without an update or a checkpoint "
-                                         f"from this step (meta.skip_nonfinite: true skips such steps instead)")
-            counts.nonfinite_steps += 1
-            if rank() == 0:
-                tqdm.write(f"skipped {where}: {result.nonfinite}")
-        else:
-            loss = result.loss_value  # read before the optimizer step: the host runs ahead into the next step
-            log.row(epoch + 1, itr, f"{loss:.5f}", context_length(masks_enc[0]), masks_pred[0].shape[1], f"{step_ms:.1f}",
-                    f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{throughput:.2f}",
-                    *(f"{diagnostics[name]:.6g}" if diagnostics else "" for name in DIAGNOSTICS))
-            if board is not None:
-                for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", throughput),
-                                    *((f"diagnostics/{name}", value) for name, value in (diagnostics or {}).items())):
-                    board.add_scalar(name, value, counts.step)
-            counts.losses.append(loss)
-            epoch_losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{throughput:.1f}", refresh=False)
+        read_queued()
+        queued = Queued(epoch, itr, counts.step, result, context_length(masks_enc[0]), masks_pred[0].shape[1], step_ms, throughput,
+                        diagnostics)
         counts.images_seen += len(images)
         counts.step += 1
         bar.update(1)
         save, stop = mid_epoch_checkpoint(counts.step, itr, ipe, total_steps, checkpoint_every)
+        if save or stop:
+            read_queued()
         if save:
             run.checkpoints.save(epoch, itr + 1, mean(epoch_losses))
             counts.saved = run.checkpoints.latest
         if stop:
             return None
+    read_queued()
     return epoch_losses
+
+
+def read_step(step: Queued, skip_nonfinite: bool, counts: Progress, epoch_losses: list[float], log, board, bar) -> None:
+    """A queued step's values on the host: its log row, TensorBoard scalars, progress bar and
+    losses, or, when it was left out, the error that stops the run (or, with
+    ``skip_nonfinite``, the count and a line)."""
+    result = step.result
+    if result.nonfinite is not None:
+        where = f"epoch {step.epoch + 1}, step {step.itr} (global step {step.step})"
+        if not skip_nonfinite:
+            raise FloatingPointError(f"{result.nonfinite} at {where}; stopping without an update or a checkpoint "
+                                     f"from this step (meta.skip_nonfinite: true skips such steps instead)")
+        counts.nonfinite_steps += 1
+        if rank() == 0:
+            tqdm.write(f"skipped {where}: {result.nonfinite}")
+        return
+    diagnostics = dict(zip(DIAGNOSTICS, step.diagnostics.read())) if step.diagnostics is not None else None
+    if diagnostics:
+        counts.diagnostics = {"step": step.step + 1, **diagnostics}
+    loss = result.loss_value
+    log.row(step.epoch + 1, step.itr, f"{loss:.5f}", step.context_length, step.target_length, f"{step.step_ms:.1f}",
+            f"{result.lr:.6g}", f"{result.wd:.6g}", f"{result.momentum:.6g}", f"{step.throughput:.2f}",
+            *(f"{diagnostics[name]:.6g}" if diagnostics else "" for name in DIAGNOSTICS))
+    if board is not None:
+        for name, value in (("loss", loss), ("lr", result.lr), ("wd", result.wd), ("momentum", result.momentum), ("img_per_s", step.throughput),
+                            *((f"diagnostics/{name}", value) for name, value in (diagnostics or {}).items())):
+            board.add_scalar(name, value, step.step)
+    counts.losses.append(loss)
+    epoch_losses.append(loss)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{step.throughput:.1f}", refresh=False)
 
 
 def diagnostics_interval(diagnostics_every: int | None, ipe: int) -> int:

@@ -46,7 +46,7 @@ def ema_args(**change):
 def adamw_args(**change):
     args = dict(params=[A], grads=[B], exp_avgs=[C], exp_avg_sqs=[D], targets=[E], shadows=[], numels=[7], groups=[0],
                 lr=F, weight_decay=F + 4, num_groups=1, step=F + 8, momentum=F + 12, beta1=0.9, beta2=0.999, eps=1e-8,
-                shadow_dtype=None, stream=0)
+                shadow_dtype=None, skip=0, stream=0)
     return {**args, **change}
 
 

@@ -127,6 +127,43 @@ def test_empty_lists_only_count_the_step(optim_backend):
     assert step.item() == 1
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit pattern (NaN equals NaN, -0.0 differs from +0.0)."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def test_skip_leaves_every_tensor_bit_for_bit_and_false_changes_nothing(optim_backend):
+    """``skip`` true with NaN and inf gradients: every tensor (step, moments, params, targets,
+    shadows) keeps its bits; ``skip`` false: the same bits as no ``skip`` at all."""
+    state = run_steps(optim_backend, SHAPES, GROUPS, 2, True, torch.bfloat16)
+    tensors = {name: [t.clone() for t in ts] for name, ts in state.items()}
+    g = torch.Generator().manual_seed(5)
+
+    def step(skip, grads):
+        adamw_ema_(tensors["params"], grads, tensors["exp_avgs"], tensors["exp_avg_sqs"], tensors["step"][0],
+                   torch.full((2,), 1e-3, device=DEVICE), torch.tensor([0.05, 0.0], device=DEVICE), GROUPS, targets=tensors["targets"],
+                   momentum=torch.tensor(0.99, device=DEVICE), shadows=tensors["shadows"], skip=skip)
+
+    with use_backend(optim_backend):
+        bad = [torch.full(s, float("nan") if i % 2 else float("inf"), device=DEVICE) for i, s in enumerate(SHAPES)]
+        step(torch.ones((), dtype=torch.bool, device=DEVICE), bad)
+        for name, ts in state.items():
+            assert all(torch.equal(bits(a), bits(b)) for a, b in zip(tensors[name], ts)), name
+        grads = [torch.randn(s, generator=g).to(DEVICE) for s in SHAPES]
+        step(torch.zeros((), dtype=torch.bool, device=DEVICE), grads)
+        with_false = {name: [t.clone() for t in ts] for name, ts in tensors.items()}
+        tensors = {name: [t.clone() for t in ts] for name, ts in state.items()}
+        step(None, grads)
+    for name, ts in with_false.items():
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(tensors[name], ts)), name
+    assert tensors["step"][0].item() == 3
+
+
+def test_skip_must_be_a_0d_bool_on_the_device():
+    with pytest.raises(ValueError, match=r"skip must be a 0-d bool tensor on cpu, got torch.float32 of shape \(\) on cpu"):
+        adamw_ema_(**_args(), skip=torch.zeros(()))
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -181,6 +218,8 @@ def test_opcheck(optim_backend):
             torch.tensor(0.99, device=DEVICE), [torch.zeros_like(t, dtype=torch.bfloat16) for t in targets])
     with use_backend(optim_backend):
         torch.library.opcheck(torch.ops.fastjepa.adamw_ema_.default, args)
+        for skip in (True, False):
+            torch.library.opcheck(torch.ops.fastjepa.adamw_ema_.default, (*args, torch.tensor(skip, device=DEVICE)))
 
 
 def test_compiles_without_graph_breaks():

@@ -54,12 +54,16 @@ def _cuda_ema(targets, onlines, shadows, momentum) -> None:
         )
 
 
-def torch_ema_(targets: list[Tensor], onlines: list[Tensor], momentum: Tensor, shadows: list[Tensor]) -> None:
-    """The torch backend: the reference trainer's update (also the EMA of ``adamw_ema_``)."""
+def torch_ema_(targets: list[Tensor], onlines: list[Tensor], momentum: Tensor, shadows: list[Tensor], skip: Tensor | None = None) -> None:
+    """The torch backend: the reference trainer's update (also the EMA of ``adamw_ema_``, which
+    passes its ``skip``: a 0-d bool on the device, true keeps every target and shadow as it was)."""
     with torch.no_grad():
         for t, o in zip(targets, onlines):
             m = momentum.to(t.dtype)
-            t.mul_(m).add_((1 - m) * o.to(t.dtype))
+            if skip is None:
+                t.mul_(m).add_((1 - m) * o.to(t.dtype))
+            else:
+                t.copy_(torch.where(skip, t, t.mul(m).add_((1 - m) * o.to(t.dtype))))
         if shadows:
             torch._foreach_copy_(shadows, targets)
 

@@ -1,8 +1,11 @@
 """Fused AdamW step and target EMA: ``adamw_ema_``.
 
 ``adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups=None, *,
-betas=(0.9, 0.999), eps=1e-8, targets=(), momentum=None, shadows=())`` does, in place:
+betas=(0.9, 0.999), eps=1e-8, targets=(), momentum=None, shadows=(), skip=None)`` does, in place:
 
+0. with ``skip`` (a 0-d bool on the device) true: nothing at all. Every tensor, ``step`` included,
+   keeps its bits; the flag is read on the device (no host sync), so a step whose gradients
+   are not finite can be left out without the host knowing yet;
 1. ``step += 1``, then ``torch.optim.AdamW``'s step on every parameter with that step count:
    decoupled weight decay ``p *= 1 - lr * wd``, ``exp_avg.lerp_(grad, 1 - beta1)``,
    ``exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad**2``, and
@@ -14,12 +17,14 @@ betas=(0.9, 0.999), eps=1e-8, targets=(), momentum=None, shadows=())`` does, in 
 are floats >= 0 or tensors of 1 or G values (one per group) and ``groups[i]`` is the group of
 ``params[i]`` (default 0); ``momentum`` a float in [0, 1] or a 0-d tensor. Tensors on the device
 cost no host sync (their values are not checked), so schedules can change every step.
+``skip`` is 0-d bool, on the parameters' device.
 
 The torch backend is that math, operation by operation as ``torch.optim.AdamW`` (the
 single-tensor implementation) does it, so on the CPU it equals ``AdamW`` then ``ema_update_``
-bit for bit. The cuda backend (csrc/adamw_ema.cu) does it in one pass over memory: it reads
+bit for bit; with ``skip`` it computes the new values aside and keeps the old ones where the flag
+says so (``torch.where``: exact both ways, one tensor's temporaries at a time). The cuda backend (csrc/adamw_ema.cu) does it in one pass over memory: it reads
 grad, param, both moments and target once and writes param, moments, target (and shadow)
-once; the GPU's fused multiply-adds move some results by an ulp.
+once (nothing when ``skip`` is set); the GPU's fused multiply-adds move some results by an ulp.
 """
 
 from __future__ import annotations
@@ -47,21 +52,26 @@ def _cuda_problem(params, grads, exp_avgs, exp_avg_sqs, step, targets, shadows):
     return None
 
 
-def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps) -> None:
-    """torch.optim.AdamW's single-tensor step, with the Python-float scalars as fp64 tensors."""
+def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, skip) -> None:
+    """torch.optim.AdamW's single-tensor step, with the Python-float scalars as fp64 tensors.
+    Each tensor's new values are computed aside (the same kernels as AdamW's in-place ones,
+    so the same bits), then written, or kept old where ``skip`` is set."""
     s = step.double()
     bias_correction1 = 1 - beta1**s
     bias_correction2_sqrt = (1 - beta2**s).sqrt()
     lr, weight_decay = lr.double(), weight_decay.double()
     for p, g, exp_avg, exp_avg_sq, k in zip(params, grads, exp_avgs, exp_avg_sqs, groups):
-        p.mul_(1 - lr[k] * weight_decay[k])
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.add_(exp_avg * (-lr[k] / bias_correction1) / denom)  # addcdiv_ with value = -lr / bias_correction1
+        new_p = p.mul(1 - lr[k] * weight_decay[k])
+        new_avg = exp_avg.lerp(g, 1 - beta1)
+        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (new_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        new_p.add_(new_avg * (-lr[k] / bias_correction1) / denom)  # addcdiv_ with value = -lr / bias_correction1
+        for old, new in ((p, new_p), (exp_avg, new_avg), (exp_avg_sq, new_avg_sq)):
+            old.copy_(new if skip is None else torch.where(skip, old, new))
 
 
-def _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows):
+def _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows,
+                     skip):
     from fastjepa import _C
 
     lr, weight_decay = lr.to(torch.float32).contiguous(), weight_decay.to(torch.float32).contiguous()
@@ -76,7 +86,8 @@ def _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_deca
             [p.numel() for p in params], list(groups),
             lr=lr.data_ptr(), weight_decay=weight_decay.data_ptr(), num_groups=lr.numel(), step=step.data_ptr(),
             momentum=momentum.data_ptr() if momentum is not None else 0, beta1=beta1, beta2=beta2, eps=eps,
-            shadow_dtype=CUDA_DTYPE_NAMES[shadows[0].dtype] if shadows else None, stream=stream,
+            shadow_dtype=CUDA_DTYPE_NAMES[shadows[0].dtype] if shadows else None, skip=skip.data_ptr() if skip is not None else 0,
+            stream=stream,
         )
 
 
@@ -84,23 +95,24 @@ def _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_deca
 def _adamw_ema_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: Tensor, lr: Tensor,
     weight_decay: Tensor, groups: list[int], beta1: float, beta2: float, eps: float, targets: list[Tensor],
-    momentum: Optional[Tensor], shadows: list[Tensor],
+    momentum: Optional[Tensor], shadows: list[Tensor], skip: Optional[Tensor] = None,
 ) -> None:
     with torch.no_grad():
-        step.add_(1)
+        step.add_(1 if skip is None else skip.logical_not())
         if not params:
             return
         problems = {"torch": lambda: None, "cuda": lambda: _cuda_problem(params, grads, exp_avgs, exp_avg_sqs, step, targets, shadows)}
         if select("adamw_ema_", params[0].device, problems) == "cuda":
-            _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows)
+            _cuda_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows,
+                             skip)
             return
-        _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps)
+        _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, skip)
         if targets:
-            torch_ema_(targets, params, momentum, shadows)
+            torch_ema_(targets, params, momentum, shadows, skip)
 
 
 @_adamw_ema_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows):
+def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, weight_decay, groups, beta1, beta2, eps, targets, momentum, shadows, skip=None):
     return None
 
 
@@ -132,6 +144,7 @@ def adamw_ema_(
     targets: Sequence[Tensor] = (),
     momentum: float | Tensor | None = None,
     shadows: Sequence[Tensor] = (),
+    skip: Tensor | None = None,
 ) -> None:
     """AdamW step of ``params`` then EMA into ``targets`` (and ``shadows``): see the module docstring."""
     op = "adamw_ema_"
@@ -183,7 +196,10 @@ def adamw_ema_(
         raise ValueError(f"{op}: targets need a momentum")
     if momentum is not None:
         momentum = _device_scalars(op, "momentum", momentum, device, allow_vector=False, high=1.0).reshape(())
+    if skip is not None and (not isinstance(skip, Tensor) or skip.dtype != torch.bool or skip.dim() != 0 or skip.device != device):
+        got = f"{skip.dtype} of shape {tuple(skip.shape)} on {skip.device}" if isinstance(skip, Tensor) else type(skip).__name__
+        raise ValueError(f"{op}: skip must be a 0-d bool tensor on {device}, got {got}")
     _adamw_ema_(
         params, grads, exp_avgs, exp_avg_sqs, step, lr.expand(num_groups), weight_decay.expand(num_groups), groups,
-        beta1, beta2, eps, targets, momentum, shadows,
+        beta1, beta2, eps, targets, momentum, shadows, skip,
     )
