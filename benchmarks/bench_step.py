@@ -427,8 +427,10 @@ def bench_finetune(name, spec, device, args) -> dict:
         _sync(device)
         return (time.perf_counter() - started) * 1e3
 
+    guard = NonfiniteGuard(model)
+
     def step(inputs, targets):
-        return train_step(model, optimizer, inputs, targets, config["meta"]["use_bfloat16"], args.grad_accum)[0]
+        return train_step(model, optimizer, inputs, targets, guard, config["meta"]["use_bfloat16"], args.grad_accum)[0]
 
     for _ in range(args.warmup):
         step(*augment(images, labels, g))

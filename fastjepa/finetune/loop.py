@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fastjepa.data.images import mix_seed
 from fastjepa.data.normalize import normalize
-from fastjepa.distributed import all_gather_object, any_rank, full_state, gradient_sync, local, rank, setup, teardown, unwrap, world_size, wrap_model
+from fastjepa.distributed import all_gather_object, any_rank, full_state, gradient_sync, rank, setup, teardown, unwrap, world_size, wrap_model
 from fastjepa.errors import ConfigError
 from fastjepa.eval.features import image_batches
 from fastjepa.finetune.augment import FinetuneAugment, Mixup, RandomErasing, rand_augment_from_config
@@ -39,7 +39,7 @@ from fastjepa.helper import CheckpointError, load_optimizer, read_checkpoint, sa
 from fastjepa.models import vision_transformer as vit
 from fastjepa.plot import FINETUNE_LOG
 from fastjepa.run import PreemptionNotice, run_folder, tensorboard
-from fastjepa.step import describe_nonfinite, nonfinite_flag
+from fastjepa.step import NonfiniteGuard
 from fastjepa.weights import checkpoint_weights, load_state, read_weights
 
 LATEST = "finetune-latest.pth.tar"
@@ -76,6 +76,7 @@ class Run:
     source: str  # the weights fine-tuned
     seed: int
     crop_size: int  # the images' side (data.crop_size, or the encoder's)
+    guard: NonfiniteGuard
     start_epoch: int = 0
     start_itr: int = 0
     best: dict | None = None
@@ -157,7 +158,7 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
                           all_gather_object)
     global_batch = config["data"]["batch_size"] * world_size()
     run = Run(config, device, folder, splits, wrapped, optimizer, make_augment(config, len(classes)), loader,
-              base_lr(config, global_batch), str(weights), seed, crop)
+              base_lr(config, global_batch), str(weights), seed, crop, NonfiniteGuard(wrapped))
     if checkpoint is not None:
         load_optimizer(checkpoint, checkpoint_path, optimizer)
         state = checkpoint["fastjepa_finetune"]
@@ -193,13 +194,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def train_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, use_bfloat16: bool = False, accum_steps: int = 1,
-               clip_grad: float | None = None) -> tuple[float, str | None]:
+def train_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, guard: NonfiniteGuard, use_bfloat16: bool = False,
+               accum_steps: int = 1, clip_grad: float | None = None) -> tuple[float, str | None]:
     """One fine-tuning step of ``model`` (a Classifier, maybe under DDP or FSDP2) on augmented
     images and their soft targets: forward and backward in ``accum_steps`` micro-batches (the
-    gradients reduced across ranks in the last one's backward only), the non-finite guard (one
-    host sync, which also reads the loss), gradient clipping, the optimizer step. Returns
-    (the loss, what was not finite or None); a non-finite step updates nothing."""
+    gradients reduced across ranks in the last one's backward only), the non-finite guard
+    (``guard``, the trainer's, built once per run; its one host sync also reads the loss),
+    gradient clipping, the optimizer step. Returns (the loss, what was not finite or None); a
+    non-finite step updates nothing."""
     parts = min(accum_steps, len(images))
     bounds = [len(images) * i // parts for i in range(parts + 1)]
     loss = None
@@ -209,10 +211,8 @@ def train_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, us
                 micro = soft_cross_entropy(model(images[a:b]), targets[a:b]) * ((b - a) / len(images))
             micro.backward()
         loss = micro.detach() if loss is None else loss + micro.detach()
-    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    bad, value = torch.stack([nonfinite_flag(loss, grads).to(loss.dtype), loss]).tolist()
-    if bad:
-        what = describe_nonfinite(loss, model)
+    value, what = guard.check(loss).read()
+    if what is not None:
         optimizer.zero_grad(set_to_none=True)
         return value, what
     if clip_grad is not None:
@@ -384,8 +384,8 @@ def run_epoch(run: Run, epoch: int, first: int, total: int, checkpoint_every, co
         if len(images) % 2 and run.augment.mixup.active:  # a file of the batch failed: mixup pairs image i with B-1-i
             images, labels = images[:-1], labels[:-1]
         inputs, targets = run.augment(images, labels, generator)
-        loss, nonfinite = train_step(run.model, run.optimizer, inputs, targets, config["meta"]["use_bfloat16"], opt["grad_accum_steps"],
-                                     opt["clip_grad"])
+        loss, nonfinite = train_step(run.model, run.optimizer, inputs, targets, run.guard, config["meta"]["use_bfloat16"],
+                                     opt["grad_accum_steps"], opt["clip_grad"])
         where = f"epoch {epoch + 1}, step {itr} (global step {counts.step})"
         counts.step, counts.taken, counts.images = counts.step + 1, counts.taken + 1, counts.images + len(images)
         now = time.perf_counter()
