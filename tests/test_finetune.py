@@ -270,3 +270,23 @@ def test_gradient_accumulation_equals_the_whole_batch(encoder_file, tmp_path):
 
     start = load_file(encoder_file)
     assert not torch.equal(a["encoder"]["blocks.0.mlp.fc1.weight"], start["blocks.0.mlp.fc1.weight"])  # the steps did update
+
+
+def test_a_nan_step_stops_the_run_or_is_skipped_and_counted(encoder_file, tmp_path, monkeypatch):
+    real = loop.FinetuneAugment.__call__
+    calls = []
+
+    def nan_at_the_second_step(self, images, labels, generator):
+        inputs, targets = real(self, images, labels, generator)
+        calls.append(1)
+        return (inputs * float("nan") if len(calls) == 2 else inputs), targets
+
+    monkeypatch.setattr(loop.FinetuneAugment, "__call__", nan_at_the_second_step)
+    with pytest.raises(FloatingPointError, match=r"loss is nan.* at epoch 1, step 1 \(global step 1\); stopping without an update"):
+        run(encoder_file, tmp_path / "stop", max_steps=3)
+    assert not (tmp_path / "stop" / loop.LATEST).exists()  # no checkpoint from the bad step
+    calls.clear()
+    skipped = run(encoder_file, tmp_path / "skip", overrides={"meta.skip_nonfinite": True}, max_steps=3)
+    assert skipped.nonfinite_steps == 1 and skipped.steps == 3 and len(skipped.losses) == 2
+    state = read_checkpoint(tmp_path / "skip" / loop.LATEST)
+    assert all(torch.isfinite(t).all() for t in state["encoder"].values())
