@@ -290,3 +290,15 @@ def test_a_nan_step_stops_the_run_or_is_skipped_and_counted(encoder_file, tmp_pa
     assert skipped.nonfinite_steps == 1 and skipped.steps == 3 and len(skipped.losses) == 2
     state = read_checkpoint(tmp_path / "skip" / loop.LATEST)
     assert all(torch.isfinite(t).all() for t in state["encoder"].values())
+
+
+def test_activation_checkpointing_gives_the_same_weights(encoder_file, tmp_path, monkeypatch):
+    real, recompute = vit.run_blocks, []
+    monkeypatch.setattr(vit, "run_blocks", lambda blocks, x, flag, *args: recompute.append(flag) or real(blocks, x, flag, *args))
+    run(encoder_file, tmp_path / "plain", max_steps=2)
+    assert recompute and not any(recompute)
+    recompute.clear()
+    run(encoder_file, tmp_path / "recomputed", overrides={"meta.activation_checkpointing": True}, max_steps=2)
+    assert all(recompute[:2])  # the training forwards ran through torch.utils.checkpoint
+    a, b = (read_checkpoint(tmp_path / name / loop.LATEST)["encoder"] for name in ("plain", "recomputed"))
+    assert all(torch.equal(a[name], b[name]) for name in a)  # drop path's draws replayed in the recompute
