@@ -301,7 +301,7 @@ def _add_finetune_parser(commands) -> None:
     finetune = commands.add_parser(
         "finetune", help="fine-tune an encoder with a linear head (MAE's recipe: layer-wise lr decay, RandAugment, mixup/cutmix)",
         description="Fine-tune a pretrained encoder end to end with a linear head on its averaged last layer, as the paper's "
-                    "ImageNet-1%% and full fine-tuning (MAE's recipe), with the augmentation on the device. Every epoch it measures "
+                    "ImageNet-1% and full fine-tuning (MAE's recipe), with the augmentation on the device. Every epoch it measures "
                     "held-out train (choosing finetune-best.pth.tar) and val.")
     source = finetune.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes (a checkpoint, an hf folder, "
