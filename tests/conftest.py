@@ -8,7 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import errno  # noqa: E402
 import importlib.util  # noqa: E402
+import io  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -96,3 +98,60 @@ def tensors(state, prefix=""):
     elif isinstance(state, (list, tuple)):
         for i, value in enumerate(state):
             yield from tensors(value, f"{prefix}/{i}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``): for small
+    problems, two OpenMP threads on two busy cores ran 30x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def enospc_torch_save(calls_before: int = 0, real_save=torch.save):
+    """A torch.save that writes half the file, then fails as on a full disk (after calls_before good saves)."""
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= calls_before:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny16_encoder(tmp_path_factory):
+    """A ViT-tiny/8 at 16 px (4 tokens, random init) exported as fastjepa safetensors: what a
+    pretraining run exports, small enough for fine-tuning runs of seconds."""
+    from fastjepa.models import vision_transformer as vit
+    from fastjepa.weights import export_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny16.safetensors"
+    export_weights(vit.vit_tiny(img_size=[16], patch_size=8), "safetensors", path)
+    return path
+
+
+def tiny_jepa_models():
+    """A ViT-tiny/8 at 32 px (12 blocks), its predictor (depth 1, width 48) and a target a little
+    off the context encoder (+0.01 N(0, 1) on every parameter), from seed 0."""
+    import copy
+
+    from fastjepa.helper import init_model
+
+    torch.manual_seed(0)
+    encoder, predictor = init_model("cpu", patch_size=8, model_name="vit_tiny", crop_size=32, pred_depth=1, pred_emb_dim=48)
+    target = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return encoder, predictor, target

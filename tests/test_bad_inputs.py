@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import enospc_torch_save
 from imagefiles import undecodable_jpeg, write_bad_files, write_colour_images
 
 import fastjepa.helper as helper
@@ -662,22 +663,6 @@ def test_eval_cli_exits_1_naming_the_checkpoint(bad_checkpoint, capsys):
 # ------------------------------------------------------------- 6. a checkpoint write that fails half way
 
 
-def disk_full(real_save=torch.save, calls_before=0):
-    """A torch.save that writes half the file, then fails as on a full disk (after calls_before good saves)."""
-    calls = []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) <= calls_before:
-            return real_save(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    return save
-
-
 def failing(error_number):
     def fail(*args, **kwargs):
         raise OSError(error_number, os.strerror(error_number))
@@ -692,7 +677,7 @@ def test_save_checkpoint_failing_half_way_keeps_the_previous_file(tmp_path, monk
     save_checkpoint(previous, path)
     before = path.read_bytes()
     number = errno.EIO if where == "os.replace" else errno.ENOSPC
-    patch = {"torch.save": (helper.torch, "save", disk_full()), "os.fsync": (helper.os, "fsync", failing(number)),
+    patch = {"torch.save": (helper.torch, "save", enospc_torch_save()), "os.fsync": (helper.os, "fsync", failing(number)),
              "os.replace": (helper.os, "replace", failing(number))}[where]
     monkeypatch.setattr(*patch)
     new = {"encoder": {"w": torch.randn(64, 32)}, "epoch": previous["epoch"] + 1}
@@ -708,7 +693,7 @@ def test_save_checkpoint_failing_half_way_keeps_the_previous_file(tmp_path, monk
 
 
 def test_training_whose_second_save_fails_keeps_the_first_checkpoint_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(helper.torch, "save", disk_full(calls_before=1))
+    monkeypatch.setattr(helper.torch, "save", enospc_torch_save(calls_before=1))
     with pytest.raises(OSError) as raised:
         fit(out=tmp_path, max_steps=3, checkpoint_every=1, **SMALL)  # saves after steps 1, 2 and 3
     monkeypatch.undo()
@@ -721,7 +706,7 @@ def test_training_whose_second_save_fails_keeps_the_first_checkpoint_and_resumes
 
 
 def test_cli_training_on_a_full_disk_exits_1_in_one_line_keeping_the_first_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(helper.torch, "save", disk_full(calls_before=1))
+    monkeypatch.setattr(helper.torch, "save", enospc_torch_save(calls_before=1))
     argv = ["train", "--no-progress", "--out", str(tmp_path), "--max-steps", "3", "--checkpoint-every", "1",
             "--set", "data.batch_size=4", "--set", "data.crop_size=48", "--set", "data.repeat=1", "--set", "meta.pred_depth=1",
             "--set", "mask.min_keep=1"]

@@ -171,35 +171,24 @@ def test_launch_from_torchrun_slurm_or_nothing():
 # ---------------------------------------------------------------------------- fastjepa finetune under torchrun
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    from fastjepa.models import vision_transformer as vit
-    from fastjepa.weights import export_weights
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("encoder") / "tiny16.safetensors"
-    export_weights(vit.vit_tiny(img_size=[16], patch_size=8), "safetensors", path)
-    return path
-
-
 def finetune(encoder, out, *options):
     return torchrun("-m", "fastjepa", "finetune", "--weights", encoder, "--device", "cpu", "--no-progress", "--per-class", 4, "--out", out,
                     "--set", "data.batch_size=4", "--set", "optimization.epochs=1", "--set", "optimization.warmup_epochs=0.5", *options)
 
 
-def test_finetune_under_ddp_writes_one_whole_checkpoint(tmp_path, tiny_encoder):
-    done = finetune(tiny_encoder, tmp_path)
+def test_finetune_under_ddp_writes_one_whole_checkpoint(tmp_path, tiny16_encoder):
+    done = finetune(tiny16_encoder, tmp_path)
     assert done.stdout.count("fastjepa finetune:") == 1 and "global batch 8" in done.stdout  # rank 0 speaks; 4 images x 2 ranks
     best = read_checkpoint(tmp_path / "finetune-best.pth.tar")
     assert best["encoder"]["patch_embed.proj.weight"].shape == (192, 3, 8, 8) and best["epoch"] == 1
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_finetune_under_fsdp_resumes_exactly(tmp_path, tiny_encoder):
+def test_finetune_under_fsdp_resumes_exactly(tmp_path, tiny16_encoder):
     fsdp = ("--set", "meta.sharding=fsdp")
-    finetune(tiny_encoder, tmp_path / "straight", *fsdp, "--max-steps", 2)
-    finetune(tiny_encoder, tmp_path / "split", *fsdp, "--max-steps", 1)
-    finetune(tiny_encoder, tmp_path / "split", *fsdp, "--max-steps", 1, "--resume", "auto")
+    finetune(tiny16_encoder, tmp_path / "straight", *fsdp, "--max-steps", 2)
+    finetune(tiny16_encoder, tmp_path / "split", *fsdp, "--max-steps", 1)
+    finetune(tiny16_encoder, tmp_path / "split", *fsdp, "--max-steps", 1, "--resume", "auto")
     a = read_checkpoint(tmp_path / "straight" / "finetune-latest.pth.tar")
     b = read_checkpoint(tmp_path / "split" / "finetune-latest.pth.tar")
     assert a["encoder"]["blocks.0.attn.qkv.weight"].shape == (576, 192)  # gathered whole

@@ -14,16 +14,7 @@ from fastjepa.eval.datasets import load_digits
 from fastjepa.eval.linear import LR_GRID, _epoch_batches, _HeadGrid, _train, _update, linear_probe
 from fastjepa.eval.results import format_table
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these problems are small, and two OpenMP threads on two busy cores ran 30x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int, centres: torch.Tensor | None = None):

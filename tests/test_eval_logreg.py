@@ -13,16 +13,7 @@ from fastjepa.eval.logreg import _objective, _preprocess, _sklearn_fit, logreg_p
 from fastjepa.eval.subsets import class_balanced_subset  # noqa: E402
 from fastjepa.models.vision_transformer import vit_tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these problems are small, and two OpenMP threads on two busy cores ran 30x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ digits features of a checkpoint (logreg against scikit-learn, the linear grid ag
 low-shot subsets, the generated count and distance sets, the results file, the feature cache,
 the plot, and every bad input refused with one line."""
 
-import copy
 import json
 
 import pytest
 import torch
+from conftest import tiny_jepa_models
 from PIL import Image
 
 pytest.importorskip("sklearn")
@@ -17,7 +17,7 @@ from fastjepa.eval import features as ft  # noqa: E402
 from fastjepa.eval.datasets import load_splits  # noqa: E402
 from fastjepa.eval.logreg import sklearn_logreg_top1  # noqa: E402
 from fastjepa.eval.runner import evaluate, load_frozen_encoder, train_subset  # noqa: E402
-from fastjepa.helper import init_model, save_checkpoint  # noqa: E402
+from fastjepa.helper import save_checkpoint  # noqa: E402
 
 CONFIG = {"data": {"crop_size": 32}, "logging": {}, "mask": {"patch_size": 8}, "meta": {"model_name": "vit_tiny"}, "optimization": {}}
 
@@ -25,12 +25,7 @@ CONFIG = {"data": {"crop_size": 32}, "logging": {}, "mask": {"patch_size": 8}, "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A ViT-tiny/8 checkpoint at 32 px in fastjepa's format, its target a little off the context encoder."""
-    torch.manual_seed(0)
-    encoder, predictor = init_model("cpu", patch_size=8, model_name="vit_tiny", crop_size=32, pred_depth=1, pred_emb_dim=48)
-    target = copy.deepcopy(encoder)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    encoder, predictor, target = tiny_jepa_models()
     path = tmp_path_factory.mktemp("ckpt") / "jepa-latest.pth.tar"
     prefixed = {name: {f"module.{k}": v for k, v in model.state_dict().items()} for name, model in
                 (("encoder", encoder), ("predictor", predictor), ("target_encoder", target))}

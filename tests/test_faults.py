@@ -19,7 +19,6 @@ is intact, and that no temporary file is left.
 import copy
 import errno
 import hashlib
-import io
 import os
 import re
 import shlex
@@ -30,6 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import enospc_torch_save
 
 import fastjepa.files as files
 import fastjepa.helper as helper
@@ -163,22 +163,6 @@ def test_a_truncated_or_foreign_file_is_still_called_so(unsafe, tmp_path):
 
 
 # --------------------------------------------------------------------------- 2. a full disk
-
-
-def enospc_torch_save(calls_before=0, real_save=torch.save):
-    """A torch.save that writes half the file, then fails as on a full disk (after calls_before good saves)."""
-    calls = []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) <= calls_before:
-            return real_save(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    return save
 
 
 def enospc_save_file(real):

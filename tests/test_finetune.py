@@ -19,24 +19,14 @@ from fastjepa.finetune.model import Classifier
 from fastjepa.finetune.recipe import SCHEMA, layer_id, lr_at, param_groups, validate
 from fastjepa.helper import read_checkpoint
 from fastjepa.models import vision_transformer as vit
-from fastjepa.weights import export_weights
 
 QUICK = {"data.batch_size": 8, "optimization.epochs": 2, "optimization.warmup_epochs": 1, "augment.mixup": 0.8, "augment.cutmix": 1.0,
          "augment.erase_prob": 0.25, "augment.label_smoothing": 0.1, "data.holdout": 0.25, "model.drop_path": 0.1}
 
 
-@pytest.fixture(scope="module")
-def encoder_file(tmp_path_factory):
-    """A ViT-tiny/8 at 16 px (random init) as fastjepa safetensors: what a pretraining run exports."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny16.safetensors"
-    export_weights(vit.vit_tiny(img_size=[16], patch_size=8), "safetensors", path)
-    return path
-
-
-def run(encoder_file, out, **options):
+def run(encoder, out, **options):
     overrides = {**QUICK, **options.pop("overrides", {})}
-    return fit(encoder_file, "digits", overrides=overrides, per_class=4, out=out, progress=False, **options)
+    return fit(encoder, "digits", overrides=overrides, per_class=4, out=out, progress=False, **options)
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -104,8 +94,8 @@ def test_config_errors_name_the_key():
 # ---------------------------------------------------------------------------- the loop
 
 
-def test_a_run_trains_evaluates_and_keeps_the_best_held_out_epoch(encoder_file, tmp_path):
-    result = run(encoder_file, tmp_path / "run")
+def test_a_run_trains_evaluates_and_keeps_the_best_held_out_epoch(tiny16_encoder, tmp_path):
+    result = run(tiny16_encoder, tmp_path / "run")
     assert result.steps == 2 * 3 and len(result.losses) == 6 and all(math.isfinite(x) for x in result.losses)
     assert [e["epoch"] for e in result.evaluations] == [1, 2]
     assert result.best == max(result.evaluations, key=lambda e: (e["heldout_top1"], -e["epoch"]))
@@ -115,8 +105,8 @@ def test_a_run_trains_evaluates_and_keeps_the_best_held_out_epoch(encoder_file, 
     assert rows[0] == ",".join(loop.CSV_COLUMNS) and len(rows) == 1 + 6 + 2  # a row per step, one per evaluation
 
 
-def test_sigterm_then_resume_equals_the_uninterrupted_run(encoder_file, tmp_path, monkeypatch):
-    whole = run(encoder_file, tmp_path / "whole")
+def test_sigterm_then_resume_equals_the_uninterrupted_run(tiny16_encoder, tmp_path, monkeypatch):
+    whole = run(tiny16_encoder, tmp_path / "whole")
     real_step = loop.train_step
     calls = []
 
@@ -128,10 +118,10 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(encoder_file, tmp_path
         return out
 
     monkeypatch.setattr(loop, "train_step", step_then_sigterm)
-    stopped = run(encoder_file, tmp_path / "split")
+    stopped = run(tiny16_encoder, tmp_path / "split")
     assert stopped.preempted and stopped.steps == 4
     monkeypatch.setattr(loop, "train_step", real_step)
-    resumed = run(encoder_file, tmp_path / "split", resume="latest")
+    resumed = run(tiny16_encoder, tmp_path / "split", resume="latest")
     assert resumed.steps == 2 and stopped.losses + resumed.losses == whole.losses
     a, b = read_checkpoint(tmp_path / "whole" / loop.LATEST), read_checkpoint(tmp_path / "split" / loop.LATEST)
     for key in ("encoder", "head"):
@@ -140,9 +130,9 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(encoder_file, tmp_path
     assert resumed.best == whole.best
 
 
-def test_the_hf_export_gives_fastjepas_logits_and_labels(encoder_file, tmp_path):
+def test_the_hf_export_gives_fastjepas_logits_and_labels(tiny16_encoder, tmp_path):
     transformers = pytest.importorskip("transformers")
-    run(encoder_file, tmp_path / "run", overrides={"model.head_norm": True, "optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+    run(tiny16_encoder, tmp_path / "run", overrides={"model.head_norm": True, "optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
     checkpoint = tmp_path / "run" / loop.BEST
     state = read_checkpoint(checkpoint)
     model = Classifier(vit.vit_tiny(img_size=[16], patch_size=8), 10, head_norm=True)
@@ -169,8 +159,8 @@ def test_the_hf_export_gives_fastjepas_logits_and_labels(encoder_file, tmp_path)
 # ---------------------------------------------------------------------------- the command line
 
 
-def test_dry_run_prints_the_groups_the_schedule_and_the_memory(encoder_file, capsys):
-    assert cli(["finetune", "--weights", str(encoder_file), "--dry-run", "--per-class", "4", "--set", "optimization.layer_decay=0.5"]) == 0
+def test_dry_run_prints_the_groups_the_schedule_and_the_memory(tiny16_encoder, capsys):
+    assert cli(["finetune", "--weights", str(tiny16_encoder), "--dry-run", "--per-class", "4", "--set", "optimization.layer_decay=0.5"]) == 0
     out = capsys.readouterr().out
     assert "param groups   28 (MAE's layer-wise lr decay 0.5)" in out and "layer_0_decay" in out and "0.0001221" in out  # 0.5 ** 13
     assert "peak lr" in out and "memory" in out
@@ -181,55 +171,53 @@ def test_dry_run_prints_the_groups_the_schedule_and_the_memory(encoder_file, cap
     (["--set", "augment.mixup_alpha=0.2"], 2, "unknown key augment.mixup_alpha"),
     (["--set", "optimization.lr=0.0001"], 2, "set one of optimization.lr (absolute) and optimization.blr"),
 ])
-def test_bad_presets_and_keys_are_one_line_with_exit_2(encoder_file, capsys, argv, code, message):
-    assert cli(["finetune", "--weights", str(encoder_file), *argv]) == code
+def test_bad_presets_and_keys_are_one_line_with_exit_2(tiny16_encoder, capsys, argv, code, message):
+    assert cli(["finetune", "--weights", str(tiny16_encoder), *argv]) == code
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
 
-def test_a_checkpoint_without_an_encoder_and_an_empty_class_are_one_line_errors(encoder_file, tmp_path, capsys):
-    torch.save({"predictor": {}, "epoch": 1}, tmp_path / "predictor-only.pth.tar")
-    assert cli(["finetune", "--weights", str(tmp_path / "predictor-only.pth.tar"), "--out", str(tmp_path / "a")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "neither a training checkpoint" in err and "\n" not in err
-    data = tmp_path / "data"
+def cats_and_dogs(data, per_class: int):
+    """DIR/{train,val}/{cat,dog}/<name><i>.png: a two-class folder data set."""
     from PIL import Image
 
     for split in ("train", "val"):
         for name in ("cat", "dog"):
             (data / split / name).mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (20, 20), (i, 0, 0)).save(data / split / name / f"{name}{i}.png")
+            for i in range(per_class):
+                Image.new("RGB", (20, 20), (i, 40, 0)).save(data / split / name / f"{name}{i}.png")
+    return data
+
+
+def test_a_checkpoint_without_an_encoder_and_an_empty_class_are_one_line_errors(tiny16_encoder, tmp_path, capsys):
+    torch.save({"predictor": {}, "epoch": 1}, tmp_path / "predictor-only.pth.tar")
+    assert cli(["finetune", "--weights", str(tmp_path / "predictor-only.pth.tar"), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "neither a training checkpoint" in err and "\n" not in err
+    data = cats_and_dogs(tmp_path / "data", 3)
     (tmp_path / "cats.txt").write_text("cat0.png\ncat1.png\n")  # a subset without a dog
-    assert cli(["finetune", "--weights", str(encoder_file), "--data", str(data), "--subset", str(tmp_path / "cats.txt"),
+    assert cli(["finetune", "--weights", str(tiny16_encoder), "--data", str(data), "--subset", str(tmp_path / "cats.txt"),
                 "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip()
     assert "class 'dog' has no training image" in err and "\n" not in err
 
 
-def test_resuming_with_other_classes_is_refused_and_overwrites_nothing(encoder_file, tmp_path, capsys):
-    run(encoder_file, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+def test_resuming_with_other_classes_is_refused_and_overwrites_nothing(tiny16_encoder, tmp_path, capsys):
+    run(tiny16_encoder, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
     latest = tmp_path / "run" / loop.LATEST
     before = latest.read_bytes()
-    data = tmp_path / "data"
-    from PIL import Image
-
-    for split in ("train", "val"):
-        for name in ("cat", "dog"):
-            (data / split / name).mkdir(parents=True)
-            for i in range(6):
-                Image.new("RGB", (20, 20), (i, 40, 0)).save(data / split / name / f"{i}.png")
+    data = cats_and_dogs(tmp_path / "data", 6)
     assert cli(["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--resume"]) == 1
     err = capsys.readouterr().err.strip()
     assert "has a head of 10 classes" in err and "has 2 (cat, dog" in err and "\n" not in err
     assert latest.read_bytes() == before
 
 
-def test_plot_draws_a_finetuning_run(encoder_file, tmp_path):
+def test_plot_draws_a_finetuning_run(tiny16_encoder, tmp_path):
     pytest.importorskip("matplotlib")
     from fastjepa.plot import read_finetune_log
 
-    run(encoder_file, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
+    run(tiny16_encoder, tmp_path / "run", overrides={"optimization.epochs": 1, "optimization.warmup_epochs": 0.5})
     log = read_finetune_log(tmp_path / "run" / "finetune.csv")
     assert list(log["global_step"]) == [1, 2, 3, 3] and np.isnan(log["loss"][-1]) and np.isfinite(log["val top-1"][-1])
     assert cli(["plot", str(tmp_path / "run")]) == 0
@@ -255,12 +243,12 @@ def test_the_digits_benchmark_runs_and_writes_its_row(tmp_path):
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1
 
 
-def test_gradient_accumulation_equals_the_whole_batch(encoder_file, tmp_path):
+def test_gradient_accumulation_equals_the_whole_batch(tiny16_encoder, tmp_path):
     """optimization.grad_accum_steps 2: the same update as the whole batch (fp32 on the CPU, only the
     order of the gradient sums differs); drop path off, as it draws per micro-batch."""
     same = {"model.drop_path": 0.0}
-    run(encoder_file, tmp_path / "whole", overrides=same, max_steps=2)
-    run(encoder_file, tmp_path / "accumulated", overrides={**same, "optimization.grad_accum_steps": 2}, max_steps=2)
+    run(tiny16_encoder, tmp_path / "whole", overrides=same, max_steps=2)
+    run(tiny16_encoder, tmp_path / "accumulated", overrides={**same, "optimization.grad_accum_steps": 2}, max_steps=2)
     a, b = (read_checkpoint(tmp_path / name / loop.LATEST) for name in ("whole", "accumulated"))
     assert a["fastjepa_finetune"]["itr"] == b["fastjepa_finetune"]["itr"] == 2
     for key in ("encoder", "head"):
@@ -268,11 +256,11 @@ def test_gradient_accumulation_equals_the_whole_batch(encoder_file, tmp_path):
             torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-5, atol=1e-5, msg=f"{key}.{name}")
     from safetensors.torch import load_file
 
-    start = load_file(encoder_file)
+    start = load_file(tiny16_encoder)
     assert not torch.equal(a["encoder"]["blocks.0.mlp.fc1.weight"], start["blocks.0.mlp.fc1.weight"])  # the steps did update
 
 
-def test_a_nan_step_stops_the_run_or_is_skipped_and_counted(encoder_file, tmp_path, monkeypatch):
+def test_a_nan_step_stops_the_run_or_is_skipped_and_counted(tiny16_encoder, tmp_path, monkeypatch):
     real = loop.FinetuneAugment.__call__
     calls = []
 
@@ -283,22 +271,22 @@ def test_a_nan_step_stops_the_run_or_is_skipped_and_counted(encoder_file, tmp_pa
 
     monkeypatch.setattr(loop.FinetuneAugment, "__call__", nan_at_the_second_step)
     with pytest.raises(FloatingPointError, match=r"loss is nan.* at epoch 1, step 1 \(global step 1\); stopping without an update"):
-        run(encoder_file, tmp_path / "stop", max_steps=3)
+        run(tiny16_encoder, tmp_path / "stop", max_steps=3)
     assert not (tmp_path / "stop" / loop.LATEST).exists()  # no checkpoint from the bad step
     calls.clear()
-    skipped = run(encoder_file, tmp_path / "skip", overrides={"meta.skip_nonfinite": True}, max_steps=3)
+    skipped = run(tiny16_encoder, tmp_path / "skip", overrides={"meta.skip_nonfinite": True}, max_steps=3)
     assert skipped.nonfinite_steps == 1 and skipped.steps == 3 and len(skipped.losses) == 2
     state = read_checkpoint(tmp_path / "skip" / loop.LATEST)
     assert all(torch.isfinite(t).all() for t in state["encoder"].values())
 
 
-def test_activation_checkpointing_gives_the_same_weights(encoder_file, tmp_path, monkeypatch):
+def test_activation_checkpointing_gives_the_same_weights(tiny16_encoder, tmp_path, monkeypatch):
     real, recompute = vit.run_blocks, []
     monkeypatch.setattr(vit, "run_blocks", lambda blocks, x, flag, *args: recompute.append(flag) or real(blocks, x, flag, *args))
-    run(encoder_file, tmp_path / "plain", max_steps=2)
+    run(tiny16_encoder, tmp_path / "plain", max_steps=2)
     assert recompute and not any(recompute)
     recompute.clear()
-    run(encoder_file, tmp_path / "recomputed", overrides={"meta.activation_checkpointing": True}, max_steps=2)
+    run(tiny16_encoder, tmp_path / "recomputed", overrides={"meta.activation_checkpointing": True}, max_steps=2)
     assert all(recompute[:2])  # the training forwards ran through torch.utils.checkpoint
     a, b = (read_checkpoint(tmp_path / name / loop.LATEST)["encoder"] for name in ("plain", "recomputed"))
     assert all(torch.equal(a[name], b[name]) for name in a)  # drop path's draws replayed in the recompute

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_jepa_models
 from PIL import Image
 
 pytest.importorskip("safetensors")  # a core dependency; gpu_check.sh installs fastjepa without its dependencies
@@ -41,12 +42,7 @@ def run_cli(argv) -> int:
 @pytest.fixture(scope="module")
 def models():
     """A ViT-Tiny/8 at 32 px (12 blocks) and its predictor; the target differs from the context encoder."""
-    torch.manual_seed(0)
-    encoder, predictor = init_model("cpu", patch_size=8, model_name="vit_tiny", crop_size=32, pred_depth=1, pred_emb_dim=48)
-    target = copy.deepcopy(encoder)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    encoder, predictor, target = tiny_jepa_models()
     return encoder.eval(), predictor, target.eval()
 
 
