@@ -243,6 +243,16 @@ _PROBE_OPTIONS = {
 }
 
 
+def _add_labelled_data(parser) -> None:
+    """--data and the low-shot subset options (--per-class, --fraction, --subset) of eval and finetune."""
+    parser.add_argument("--data", default="digits", metavar="DIR|digits|shapes-count|shapes-dist",
+                        help="DIR/train/<class>/* and DIR/val/<class>/*, or a built-in set (default digits)")
+    low_shot = parser.add_mutually_exclusive_group()
+    low_shot.add_argument("--per-class", type=_positive_int, metavar="N", help="train on N seeded images of every class")
+    low_shot.add_argument("--fraction", type=_fraction, metavar="F", help="train on a seeded fraction F of every class (1%%: 0.01)")
+    low_shot.add_argument("--subset", metavar="FILE", help="train on the images a list names (the reference's ImageNetSubset .txt)")
+
+
 def _add_eval_parsers(commands) -> None:
     """``fastjepa eval METHOD``: one sub-command per probe, each with its own options beside the shared ones."""
     shared = argparse.ArgumentParser(add_help=False)
@@ -252,13 +262,8 @@ def _add_eval_parsers(commands) -> None:
                                                           "IJepa folder, a timm or fastjepa .safetensors file (the shape is read off them)")
     shared.add_argument("--encoder", choices=("target", "context"), default="target",
                         help="which encoder of a training checkpoint (default: target, the EMA encoder the paper evaluates)")
-    shared.add_argument("--data", default="digits", metavar="DIR|digits|shapes-count|shapes-dist",
-                        help="DIR/train/<class>/* and DIR/val/<class>/*, or a built-in set (default digits)")
+    _add_labelled_data(shared)
     shared.add_argument("--image-size", type=_positive_int, help="must equal the encoder's training crop (the default)")
-    low_shot = shared.add_mutually_exclusive_group()
-    low_shot.add_argument("--per-class", type=_positive_int, metavar="N", help="train on N seeded images of every class")
-    low_shot.add_argument("--fraction", type=_fraction, metavar="F", help="train on a seeded fraction F of every class (1%%: 0.01)")
-    low_shot.add_argument("--subset", metavar="FILE", help="train on the images a list names (the reference's ImageNetSubset .txt)")
     shared.add_argument("--seed", type=int, default=0, help="the subset, the held-out split, the heads' init and order")
     shared.add_argument("--out", metavar="DIR", help="results (METHOD.json) and the feature cache (features/); default: a new folder here")
     shared.add_argument("--no-cache", action="store_true", help="encode again instead of reading DIR/features")
@@ -307,17 +312,12 @@ def _add_finetune_parser(commands) -> None:
     source.add_argument("--weights", metavar="PATH", help="any weights fastjepa export reads or writes (a checkpoint, an hf folder, "
                                                           "a timm or fastjepa .safetensors file)")
     source.add_argument("--checkpoint", metavar="PATH", help="a pretraining checkpoint (fastjepa's or the reference's)")
-    finetune.add_argument("--data", default="digits", metavar="DIR|digits|shapes-count|shapes-dist",
-                          help="DIR/train/<class>/* and DIR/val/<class>/*, or a built-in set (default digits)")
+    _add_labelled_data(finetune)
     recipe = finetune.add_mutually_exclusive_group()
     recipe.add_argument("--preset", default="finetune_digits", metavar="NAME",
                         help=f"a shipped preset: {', '.join(recipe_names(finetune=True))} (default finetune_digits)")
     recipe.add_argument("--config", metavar="FILE", help="a fine-tuning YAML file (the presets' format)")
     finetune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    low_shot = finetune.add_mutually_exclusive_group()
-    low_shot.add_argument("--per-class", type=_positive_int, metavar="N", help="train on N seeded images of every class")
-    low_shot.add_argument("--fraction", type=_fraction, metavar="F", help="train on a seeded fraction F of every class (1%%: 0.01)")
-    low_shot.add_argument("--subset", metavar="FILE", help="train on the images a list names (the reference's ImageNetSubset .txt)")
     finetune.add_argument("--out", metavar="DIR", help="the run folder (default: a new folder here)")
     finetune.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best present)")
     finetune.add_argument("--seed", type=int, default=0, help="the subset, the held-out split, the head's init, the data order and augmentation")

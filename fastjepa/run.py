@@ -51,13 +51,14 @@ def new_run_folder() -> Path:
     return folder
 
 
-def run_folder(config: dict, out, resume) -> Path:
-    """The run's folder, the same on every rank: ``out``, else ``logging.folder``, else the
-    folder of the checkpoint resumed from, else a new dated folder in the working directory."""
+def run_folder(out, resume, configured=None) -> Path:
+    """The run's folder, the same on every rank: ``out``, else ``configured`` (the trainer's
+    ``logging.folder``), else the folder of the checkpoint resumed from, else a new dated
+    folder in the working directory."""
     resume_path = Path(resume) if resume not in (None, "latest", "auto") else None
-    if resume_path is not None and not out and not config["logging"]["folder"] and not resume_path.is_file():
+    if resume_path is not None and not out and not configured and not resume_path.is_file():
         raise CheckpointError(f"checkpoint not found: {resume_path}")  # before its folder would become the run folder
-    folder = Path(broadcast_object(str(out or config["logging"]["folder"] or (resume_path.parent if resume_path else new_run_folder()))))
+    folder = Path(broadcast_object(str(out or configured or (resume_path.parent if resume_path else new_run_folder()))))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -66,25 +67,27 @@ def run_folder(config: dict, out, resume) -> Path:
 
 
 class CSVLog:
-    """The reference's per-rank CSV plus lr, wd, momentum and throughput. A resumed run
-    appends to it, after dropping the rows of the steps it runs again (logged after its
-    checkpoint by the run that stopped), so each step has one row."""
+    """A run's CSV, its first two columns (epoch from 1, step in the epoch): by default the
+    reference's per-rank CSV plus lr, wd, momentum and throughput (``CSV_COLUMNS``); fine-tuning
+    gives its own ``columns``. A resumed run appends to it, after dropping the rows of the
+    steps it runs again (logged after its checkpoint by the run that stopped), so each step has
+    one row."""
 
-    def __init__(self, path: Path, resume_at: tuple[int, int] = (0, 0)):
+    def __init__(self, path: Path, resume_at: tuple[int, int] = (0, 0), columns: tuple[str, ...] = CSV_COLUMNS):
         new = not path.exists() or path.stat().st_size == 0
         if not new:
-            self._rewrite(path, resume_at)
+            self._rewrite(path, resume_at, columns)
         self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
         if new:
-            self.writer.writerow(CSV_COLUMNS)
+            self.writer.writerow(columns)
 
     def row(self, *values) -> None:
         self.writer.writerow(values)
         self.file.flush()
 
     @staticmethod
-    def _rewrite(path: Path, resume_at: tuple[int, int]) -> None:
+    def _rewrite(path: Path, resume_at: tuple[int, int], columns: tuple[str, ...]) -> None:
         """Rewrite the CSV (atomically) without the rows of steps at or after ``resume_at``
         ((epoch, itr), epoch counted from 0; the CSV counts from 1, as the reference), and with
         this version's columns when an older run wrote fewer (the new ones blank)."""
@@ -98,9 +101,9 @@ class CSVLog:
                 return True
 
         kept = [row for row in rows if before(row)] if resume_at != (0, 0) else rows
-        older = bool(rows) and tuple(rows[0]) != CSV_COLUMNS and tuple(rows[0]) == CSV_COLUMNS[:len(rows[0])]
+        older = bool(rows) and tuple(rows[0]) != columns and tuple(rows[0]) == columns[:len(rows[0])]
         if older:
-            kept = [list(CSV_COLUMNS)] + [row + [""] * (len(CSV_COLUMNS) - len(row)) for row in kept[1:]]
+            kept = [list(columns)] + [row + [""] * (len(columns) - len(row)) for row in kept[1:]]
         if len(kept) < len(rows) or older:
             partial = path.with_name(path.name + ".partial")
             with open(partial, "w", newline="") as f:
@@ -173,11 +176,17 @@ def resolve_resume(resume, resume_preempt: bool, config: dict, folder: Path) -> 
     ``meta.load_checkpoint`` / ``read_checkpoint``; None for a fresh start."""
     if resume is None and (resume_preempt or config["meta"]["load_checkpoint"]):
         resume = config["meta"]["read_checkpoint"] or "latest"
+    return checkpoint_to_resume(resume, folder / f"{config['logging']['write_tag']}-latest.pth.tar", folder)
+
+
+def checkpoint_to_resume(resume, latest: Path, folder: Path) -> Path | None:
+    """``resume`` as a checkpoint path: None stays None (a fresh start); "latest" is ``latest``;
+    "auto" is ``latest`` when it exists, else None (a requeued job's first start); a relative
+    path that does not exist here is taken in the run ``folder``."""
     if resume is None:
         return None
     if resume in ("latest", "auto"):
-        latest = folder / f"{config['logging']['write_tag']}-latest.pth.tar"
-        return latest if resume == "latest" or latest.exists() else None  # auto: a fresh start when none exists
+        return latest if resume == "latest" or latest.exists() else None
     path = Path(resume)
     return path if path.is_absolute() or path.exists() else folder / path
 

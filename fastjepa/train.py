@@ -136,7 +136,7 @@ def set_up(config: dict, device: torch.device, out, seed: int, resume, resume_pr
     """The run folder, the loader, the models (from the checkpoint resumed from, if any), the
     optimizer and its schedules, and the checkpoint writer."""
     data, mask, meta, opt_cfg = config["data"], config["mask"], config["meta"], config["optimization"]
-    folder = run_folder(config, out, resume)
+    folder = run_folder(out, resume, config["logging"]["folder"])
     config["logging"]["folder"] = str(folder)
     loader = build_loader(config, device, seed, data_root(config), rank(), world_size(), all_gather_object)
     ipe = loader.steps_per_epoch

@@ -111,6 +111,7 @@ class ImageLoader(ABC):
         self.num_workers = settings.num_workers
         self.sampler, self.ragged = sampler, settings.ragged
         self.num_images = len(images)
+        self.labels = torch.as_tensor(images.labels, dtype=torch.int64)  # each image's class, for labelled_epoch
         self.order = SeededSampler(len(images) * settings.repeat, seed, dataset_size=len(images), rank=rank, world_size=world_size)
         self.steps_per_epoch = self.order.per_rank // self.batch_size
         if self.steps_per_epoch == 0:

@@ -125,13 +125,12 @@ class DaliLoader(ImageLoader):
         else:  # the first epoch, after a failure, or after an epoch left before its end
             self.iterator = self._iterator()
         self.finished = False
-        labels = torch.tensor(self.images.labels, dtype=torch.int64)
         for b, outputs in enumerate(self.iterator):
             images = outputs[0]["images"]
             kept = plan.read[b][~plan.bad[b]]
             if plan.bad[b].any():
                 images = images[torch.from_numpy(~plan.bad[b]).to(images.device)]
-            yield images, labels[torch.from_numpy(kept)], int(plan.bad[b].sum())
+            yield images, self.labels[torch.from_numpy(kept)], int(plan.bad[b].sum())
         self.finished = True
 
     def _exclude(self, error: RuntimeError, batch: np.ndarray, read: np.ndarray) -> None:

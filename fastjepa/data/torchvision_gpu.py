@@ -80,7 +80,6 @@ class TorchvisionLoader(ImageLoader):
                                  collate_fn=list, persistent_workers=self.num_workers > 0)
 
     def _batches(self, epoch: int, start_itr: int):
-        labels = torch.tensor(self.images.labels, dtype=torch.int64)
         for b, batch in enumerate(self.reader):
             index = np.array([i for i, _ in batch], dtype=np.int64)
             g = self.crop_generator(epoch, start_itr + b)
@@ -96,10 +95,10 @@ class TorchvisionLoader(ImageLoader):
                 kept.append(index[k])
             bad = len(batch) - len(crops)
             if not crops:
-                yield torch.empty((0, 3, self.crop_size, self.crop_size), dtype=torch.uint8, device=self.device), labels[:0], bad
+                yield torch.empty((0, 3, self.crop_size, self.crop_size), dtype=torch.uint8, device=self.device), self.labels[:0], bad
                 continue
             images = torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)  # uint8, as the other backends' crops
-            yield images, labels[kept], bad
+            yield images, self.labels[kept], bad
 
     def _decode(self, batch) -> list[torch.Tensor | None]:
         """The batch's images on the device (None for a file that failed)."""

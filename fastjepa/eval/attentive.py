@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastjepa.eval.checks import check_labels
 from fastjepa.eval.results import ProbeResult
 from fastjepa.eval.subsets import holdout_split
 from fastjepa.utils.schedulers import WarmupCosineSchedule
@@ -200,15 +201,9 @@ def _check_tokens(name: str, tokens: torch.Tensor, labels: torch.Tensor, num_cla
     """(N, T, D) tokens with N integer labels in [0, num_classes), N >= 1."""
     if tokens.dim() != 3:
         raise ValueError(f"{name} tokens must be 3-D (N, T, D), got shape {tuple(tokens.shape)}")
-    if labels.dim() != 1 or len(labels) != len(tokens):
-        raise ValueError(f"{name} labels must be 1-D with one label per image: {tuple(labels.shape)} labels for {len(tokens)} images")
     if len(tokens) == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} tokens are empty: shape {tuple(tokens.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be integers, got dtype {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} labels must lie in [0, num_classes={num_classes}), got labels from {low} to {high}")
+    check_labels(name, labels, len(tokens), num_classes, "image")
 
 
 def _check_grid(grid: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastjepa.eval.checks import check_labels
 from fastjepa.eval.results import ProbeResult
 from fastjepa.eval.subsets import holdout_split
 
@@ -47,15 +48,9 @@ def _check_split(name: str, features: torch.Tensor, labels: torch.Tensor, num_cl
     """(N, D) features with N integer labels in [0, num_classes), N >= 1."""
     if features.dim() != 2:
         raise ValueError(f"{name} features must be 2-D (N, D), got shape {tuple(features.shape)}")
-    if labels.dim() != 1 or len(labels) != len(features):
-        raise ValueError(f"{name} labels must be 1-D with one label per feature row: {tuple(labels.shape)} labels for {len(features)} rows")
     if len(features) == 0:
         raise ValueError(f"{name} set is empty")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be integers, got dtype {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} labels must lie in [0, num_classes={num_classes}), got labels from {low} to {high}")
+    check_labels(name, labels, len(features), num_classes, "feature row")
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ generator is seeded per step).
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from fastjepa.finetune.recipe import base_lr, lr_at, param_groups, set_lr, valid
 from fastjepa.helper import CheckpointError, load_optimizer, read_checkpoint, save_checkpoint
 from fastjepa.models import vision_transformer as vit
 from fastjepa.plot import FINETUNE_LOG
-from fastjepa.run import PreemptionNotice, run_folder, tensorboard
+from fastjepa.run import CSVLog, PreemptionNotice, checkpoint_to_resume, run_folder, tensorboard
 from fastjepa.step import NonfiniteGuard
 from fastjepa.weights import checkpoint_weights, load_state, read_weights
 
@@ -120,8 +119,8 @@ def make_augment(config: dict, num_classes: int) -> FinetuneAugment:
 
 
 def set_up(config: dict, weights, data: str, device: torch.device, out, seed: int, resume, subset_options: dict) -> Run:
-    folder = run_folder({"logging": {"folder": None}}, out, resume)  # out, else a resumed checkpoint's folder, else a new one
-    checkpoint_path = resolve_resume(resume, folder)
+    folder = run_folder(out, resume)
+    checkpoint_path = checkpoint_to_resume(resume, folder / LATEST, folder)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:
         check_finetune_checkpoint(checkpoint, checkpoint_path)
@@ -169,15 +168,6 @@ def set_up(config: dict, weights, data: str, device: torch.device, out, seed: in
         f"({len(splits.heldout)} held out to choose the best epoch), {len(splits.val)} val; peak lr {run.peak_lr:.3g} "
         f"(global batch {global_batch}); output folder {folder}")
     return run
-
-
-def resolve_resume(resume, folder: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume in ("latest", "auto"):
-        latest = folder / LATEST
-        return latest if resume == "latest" or latest.exists() else None
-    return Path(resume)
 
 
 def check_finetune_checkpoint(checkpoint: dict, path) -> None:
@@ -308,7 +298,7 @@ def _loop(run: Run, max_steps, checkpoint_every, progress) -> FinetuneResult:
     if is_main:
         with open(run.folder / "params-finetune.yaml", "w") as f:
             yaml.dump(config, f)
-    log = FinetuneLog(run.folder / FINETUNE_LOG, (run.start_epoch, run.start_itr)) if is_main else None
+    log = CSVLog(run.folder / FINETUNE_LOG, (run.start_epoch, run.start_itr), CSV_COLUMNS) if is_main else None
     board = tensorboard(run.folder) if is_main else None
     counts = Counts(step=run.start_epoch * ipe + run.start_itr)
     total = epochs * ipe if max_steps is None else min(epochs * ipe, counts.step + max_steps)
@@ -328,7 +318,7 @@ def _loop(run: Run, max_steps, checkpoint_every, progress) -> FinetuneResult:
             save(run, run.folder / LATEST, epoch + 1, 0)
             counts.latest = run.folder / LATEST
             if is_main:
-                log.evaluation(epoch + 1, ipe, evaluation)
+                log_evaluation(log, epoch + 1, ipe, evaluation)
                 if board is not None:
                     for name in ("heldout_top1", "val_top1", "val_top5"):
                         board.add_scalar(name.replace("_", "/"), evaluation[name], counts.step)
@@ -400,7 +390,7 @@ def run_epoch(run: Run, epoch: int, first: int, total: int, checkpoint_every, co
         else:
             run.losses.append(loss)
             if log is not None:
-                log.step(epoch + 1, itr, loss, lr, throughput)
+                log_step(log, epoch + 1, itr, loss, lr, throughput)
             if board is not None:
                 board.add_scalar("loss", loss, counts.step)
                 board.add_scalar("lr", lr, counts.step)
@@ -432,32 +422,10 @@ def summary(result: FinetuneResult, elapsed: float) -> None:
     print("\n".join(lines))
 
 
-class FinetuneLog:
-    """The run's CSV: a row per step, and a row of evaluation columns after each epoch's last
-    step. A resumed run drops the rows of the steps it runs again."""
+def log_step(log: CSVLog, epoch: int, itr: int, loss: float, lr: float, throughput: float) -> None:
+    log.row(epoch, itr, f"{loss:.5f}", f"{lr:.6g}", "", "", "", f"{throughput:.2f}")
 
-    def __init__(self, path: Path, resume_at: tuple[int, int]):
-        rows = []
-        if path.exists() and path.stat().st_size:
-            with open(path, newline="") as f:
-                rows = [row for row in list(csv.reader(f))[1:] if (int(row[0]) - 1, int(row[1])) < resume_at]
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "w", newline="") as f:
-            csv.writer(f).writerows([CSV_COLUMNS, *rows])
-        partial.replace(path)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
 
-    def step(self, epoch: int, itr: int, loss: float, lr: float, throughput: float) -> None:
-        self._write([epoch, itr, f"{loss:.5f}", f"{lr:.6g}", "", "", "", f"{throughput:.2f}"])
-
-    def evaluation(self, epoch: int, itr: int, evaluation: dict) -> None:
-        """The epoch's evaluation, as the row after its last step (itr = steps per epoch)."""
-        self._write([epoch, itr, "", "", *(f"{evaluation[k]:.4f}" for k in ("heldout_top1", "val_top1", "val_top5")), ""])
-
-    def _write(self, row: list) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+def log_evaluation(log: CSVLog, epoch: int, itr: int, evaluation: dict) -> None:
+    """The epoch's evaluation, as the row after its last step (itr = steps per epoch)."""
+    log.row(epoch, itr, "", "", *(f"{evaluation[k]:.4f}" for k in ("heldout_top1", "val_top1", "val_top5")), "")
